@@ -1,0 +1,17 @@
+"""Reusable L²ViT building blocks (no model wiring)."""
+from ._registry import create_mixer, get_mixer, is_local_mixer, list_mixers, register_mixer
+from .cpe import ConvPosEnc
+from .lcm import LocalConcentration
+from .mixers import (
+    GlobalSoftmaxAttention,
+    LinearGlobalAttention,
+    LocalWindowAttention,
+    linear_attention,
+    linear_attention_naive,
+    softmax_attention_naive,
+    window_key_mask,
+    window_partition,
+    window_reverse,
+)
+from .padding import pad_nchw_to_multiple, pad_nhwc_to_multiple
+from .stem import ConvStem, Downsample

@@ -1,0 +1,126 @@
+"""Local Window Attention (LWA): softmax attention inside non-overlapping windows (spec §2.5).
+
+Plain windows, no shift, no relative position bias. The map is zero-padded at the bottom/right to a multiple of the
+window *after* the block's LayerNorm, and by default the padded positions are not masked: they act as keys and values
+(their k/v equal the qkv bias), exactly as in the official code. ``mask_padding=True`` masks them out instead.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from timm.layers import register_notrace_function, use_fused_attn
+from torch import nn
+
+from .._registry import register_mixer
+from ..padding import pad_nhwc_to_multiple
+from ._naive import softmax_attention_naive
+
+__all__ = ['LocalWindowAttention', 'window_partition', 'window_reverse', 'window_key_mask']
+
+
+@register_notrace_function  # reason: window counts are Python ints derived from the input shape
+def window_partition(x: torch.Tensor, window_size: int) -> torch.Tensor:
+    """Split a padded ``(B, Hp, Wp, C)`` map into ``(B * nWin, window_size², C)`` windows, row-major."""
+    B, H, W, C = x.shape
+    x = x.view(B, H // window_size, window_size, W // window_size, window_size, C)
+    return x.permute(0, 1, 3, 2, 4, 5).reshape(-1, window_size * window_size, C)
+
+
+@register_notrace_function  # reason: window counts are Python ints derived from the input shape
+def window_reverse(windows: torch.Tensor, window_size: int, H: int, W: int) -> torch.Tensor:
+    """Merge ``(B * nWin, window_size², C)`` windows back into a map and crop it to ``(B, H, W, C)``."""
+    Hp = -(-H // window_size) * window_size
+    Wp = -(-W // window_size) * window_size
+    C = windows.shape[-1]
+    x = windows.view(-1, Hp // window_size, Wp // window_size, window_size, window_size, C)
+    x = x.permute(0, 1, 3, 2, 4, 5).reshape(-1, Hp, Wp, C)
+    return x[:, :H, :W, :]
+
+
+@register_notrace_function  # reason: the mask depends on the input shape
+def window_key_mask(H: int, W: int, window_size: int, batch: int, device: torch.device) -> torch.Tensor | None:
+    """Boolean key mask ``(batch * nWin, 1, 1, window_size²)``, True for real tokens; None when nothing is padded."""
+    Hp = -(-H // window_size) * window_size
+    Wp = -(-W // window_size) * window_size
+    if Hp == H and Wp == W:
+        return None
+    valid = torch.zeros(1, Hp, Wp, 1, dtype=torch.bool, device=device)
+    valid[:, :H, :W] = True
+    valid = window_partition(valid, window_size)  # nWin, ws*ws, 1
+    return valid.squeeze(-1).repeat(batch, 1)[:, None, None, :]
+
+
+@register_mixer('window', local=True)
+class LocalWindowAttention(nn.Module):
+    """Multi-head softmax self-attention within ``window_size × window_size`` windows of a ``(B, H, W, C)`` map.
+
+    Args:
+        dim: Channels.
+        num_heads: Attention heads; ``dim`` must be divisible by it.
+        window_size: Window side length (7 for the 224-px models, 12 for ``l2vit_base_384``).
+        qkv_bias: Bias on the qkv projection (True in every official block).
+        attn_drop: Dropout on the attention weights.
+        proj_drop: Dropout after the output projection.
+        mask_padding: Exclude zero-padded positions from the keys (not official; the official code leaves them in).
+    """
+    reference = staticmethod(softmax_attention_naive)
+
+    def __init__(
+            self,
+            dim: int,
+            num_heads: int,
+            *,
+            window_size: int = 7,
+            qkv_bias: bool = True,
+            attn_drop: float = 0.,
+            proj_drop: float = 0.,
+            mask_padding: bool = False,
+            device=None,
+            dtype=None,
+    ):
+        super().__init__()
+        if dim % num_heads:
+            raise ValueError(f'dim ({dim}) must be divisible by num_heads ({num_heads})')
+        if window_size < 1:
+            raise ValueError(f'window_size must be a positive int, got {window_size}')
+        dd = {'device': device, 'dtype': dtype}
+        self.num_heads = num_heads
+        self.head_dim = dim // num_heads
+        self.scale = self.head_dim ** -0.5
+        self.window_size = window_size
+        self.mask_padding = mask_padding
+        self.fused_attn = use_fused_attn()
+
+        self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias, **dd)
+        self.attn_drop = nn.Dropout(attn_drop)
+        self.proj = nn.Linear(dim, dim, **dd)
+        self.proj_drop = nn.Dropout(proj_drop)
+
+    def extra_repr(self) -> str:
+        return f'num_heads={self.num_heads}, window_size={self.window_size}, mask_padding={self.mask_padding}'
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, H, W, C = x.shape
+        ws = self.window_size
+        windows = window_partition(pad_nhwc_to_multiple(x, ws), ws)  # B*nW, ws*ws, C
+        Bw, N, _ = windows.shape
+        qkv = self.qkv(windows).reshape(Bw, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv.unbind(0)  # B*nW, heads, ws*ws, head_dim
+
+        mask = window_key_mask(H, W, ws, B, x.device) if self.mask_padding else None
+        if self.fused_attn:
+            out = F.scaled_dot_product_attention(
+                q, k, v,
+                attn_mask=mask,
+                dropout_p=self.attn_drop.p if self.training else 0.,
+            )
+        else:
+            attn = (q * self.scale) @ k.transpose(-2, -1)
+            if mask is not None:
+                attn = attn.masked_fill(~mask, float('-inf'))
+            attn = self.attn_drop(attn.softmax(dim=-1))
+            out = attn @ v
+
+        out = out.transpose(1, 2).reshape(Bw, N, C)
+        out = self.proj_drop(self.proj(out))
+        return window_reverse(out, ws, H, W)

@@ -1,0 +1,49 @@
+"""CPE, LCM, stem and downsampling: the official operation order, padding and shapes."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from l2vit.layers import ConvPosEnc, ConvStem, Downsample, LocalConcentration
+
+
+def test_cpe_is_residual_depthwise_conv():
+    cpe = ConvPosEnc(8).double()
+    x = torch.randn(2, 5, 6, 8, dtype=torch.float64)
+    ref = x + F.conv2d(x.permute(0, 3, 1, 2), cpe.proj.weight, cpe.proj.bias, padding=1, groups=8).permute(0, 2, 3, 1)
+    torch.testing.assert_close(cpe(x), ref)
+
+
+def test_lcm_order_is_conv_gelu_bn_conv():
+    lcm = LocalConcentration(8).double().eval()
+    with torch.no_grad():
+        lcm.bn.running_mean.uniform_(-1, 1)
+        lcm.bn.running_var.uniform_(0.5, 2)
+    x = torch.randn(2, 9, 10, 8, dtype=torch.float64)
+    y = x.permute(0, 3, 1, 2)
+    y = F.conv2d(y, lcm.conv1.weight, lcm.conv1.bias, padding=3, groups=8)
+    y = F.gelu(y)
+    y = (y - lcm.bn.running_mean[:, None, None]) / (lcm.bn.running_var[:, None, None] + 1e-5).sqrt()
+    y = y * lcm.bn.weight[:, None, None] + lcm.bn.bias[:, None, None]
+    y = F.conv2d(y, lcm.conv2.weight, lcm.conv2.bias, padding=3, groups=8)
+    torch.testing.assert_close(lcm(x), y.permute(0, 2, 3, 1))
+
+
+def test_stem_pads_image_to_multiple_of_4():
+    stem = ConvStem(3, 16).eval()
+    x = torch.randn(1, 3, 197, 171)
+    out = stem(x)
+    assert out.shape == (1, 50, 43, 16)
+    padded = F.pad(x, (0, 1, 0, 3))
+    torch.testing.assert_close(out, stem(padded))
+
+
+def test_downsample_norms_before_padding():
+    down = Downsample(8, 16).double()
+    with torch.no_grad():
+        down.norm.bias.uniform_(-1, 1)  # a non-zero LN bias would leak into padded cells if padding came first
+    x = torch.randn(1, 5, 7, 8, dtype=torch.float64)
+    out = down(x)
+    assert out.shape == (1, 3, 4, 16)
+    y = F.pad(down.norm(x).permute(0, 3, 1, 2), (0, 1, 0, 1))
+    torch.testing.assert_close(out, F.conv2d(y, down.proj.weight, down.proj.bias, stride=2).permute(0, 2, 3, 1))

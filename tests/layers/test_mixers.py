@@ -1,0 +1,169 @@
+"""Every registered token mixer: the contract, and the fast path against its plain reference (values and grads)."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from l2vit.layers import (
+    LinearGlobalAttention,
+    LocalWindowAttention,
+    create_mixer,
+    get_mixer,
+    linear_attention,
+    linear_attention_naive,
+    list_mixers,
+    register_mixer,
+    softmax_attention_naive,
+    window_partition,
+    window_reverse,
+)
+from l2vit.layers.padding import pad_nhwc_to_multiple
+
+GRIDS = [(14, 14), (12, 20), (7, 9), (3, 3), (1, 1)]
+
+
+def test_registry():
+    assert {'window', 'linear', 'softmax'} <= set(list_mixers())
+    assert get_mixer('window').is_local and not get_mixer('linear').is_local
+    with pytest.raises(ValueError, match="unknown token mixer 'flash'; expected one of"):
+        get_mixer('flash')
+    with pytest.raises(ValueError, match='already registered'):
+        register_mixer('window', local=True)(type('Other', (torch.nn.Module,), {}))
+
+
+@pytest.mark.parametrize('grid', GRIDS, ids=lambda g: f'{g[0]}x{g[1]}')
+@pytest.mark.parametrize('name', list_mixers())
+def test_mixer_contract(name, grid):
+    mixer = create_mixer(name, 32, 2, window_size=7)
+    x = torch.randn(2, *grid, 32, requires_grad=True)
+    out = mixer(x)
+    assert out.shape == x.shape and torch.isfinite(out).all()
+    out.square().mean().backward()
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in mixer.parameters())
+    assert torch.isfinite(x.grad).all()
+
+
+def _heads(mixer, x):
+    """The mixer's own q, k, v for tokens ``x`` (B, N, C) -> (B, heads, N, d) each."""
+    B, N, C = x.shape
+    qkv = mixer.qkv(x).reshape(B, N, 3, mixer.num_heads, mixer.head_dim).permute(2, 0, 3, 1, 4)
+    return qkv.unbind(0)
+
+
+def _grads(out, params):
+    return torch.autograd.grad(out.square().sum(), params)
+
+
+@pytest.mark.parametrize('grid', GRIDS, ids=lambda g: f'{g[0]}x{g[1]}')
+@pytest.mark.parametrize('fused', [True, False], ids=['sdpa', 'explicit'])
+def test_window_attention_matches_reference(grid, fused):
+    torch.manual_seed(0)
+    mixer = LocalWindowAttention(32, 2, window_size=7).double()
+    mixer.fused_attn = fused
+    x = torch.randn(2, *grid, 32, dtype=torch.float64)
+    out = mixer(x)
+
+    # reference: pad, cut windows, explicit softmax per window, stitch back, crop
+    ws = 7
+    xp = pad_nhwc_to_multiple(x, ws)
+    Hp, Wp = xp.shape[1:3]
+    ref = torch.zeros_like(xp)
+    for i in range(0, Hp, ws):
+        for j in range(0, Wp, ws):
+            win = xp[:, i:i + ws, j:j + ws].reshape(2, ws * ws, 32)
+            q, k, v = _heads(mixer, win)
+            o = softmax_attention_naive(q, k, v, mixer.scale).transpose(1, 2).reshape(2, ws * ws, 32)
+            ref[:, i:i + ws, j:j + ws] = mixer.proj(o).reshape(2, ws, ws, 32)
+    ref = ref[:, :grid[0], :grid[1]]
+    torch.testing.assert_close(out, ref)
+    params = list(mixer.parameters())
+    for a, b in zip(_grads(out, params), _grads(ref, params)):
+        torch.testing.assert_close(a, b)
+
+
+def test_window_padding_mask_option():
+    torch.manual_seed(0)
+    mixer = LocalWindowAttention(16, 1, window_size=7, mask_padding=True).double()
+    x = torch.randn(1, 5, 6, 16, dtype=torch.float64)
+    q, k, v = _heads(mixer, x.reshape(1, 30, 16))  # one window, masked = attention over the 30 real tokens only
+    ref = mixer.proj(softmax_attention_naive(q, k, v, mixer.scale).transpose(1, 2).reshape(1, 30, 16))
+    for fused in (True, False):
+        mixer.fused_attn = fused
+        torch.testing.assert_close(mixer(x), ref.reshape(1, 5, 6, 16))
+    # without padding the mask changes nothing
+    x = torch.randn(1, 7, 14, 16, dtype=torch.float64)
+    unmasked = LocalWindowAttention(16, 1, window_size=7).double()
+    unmasked.load_state_dict(mixer.state_dict())
+    torch.testing.assert_close(mixer(x), unmasked(x))
+
+
+def test_window_partition_round_trip():
+    x = torch.randn(2, 14, 21, 5)
+    windows = window_partition(x, 7)
+    assert windows.shape == (2 * 2 * 3, 49, 5)
+    assert torch.equal(windows[1].reshape(7, 7, 5), x[0, :7, 7:14])  # row-major window order
+    assert torch.equal(window_reverse(windows, 7, 14, 21), x)
+    assert torch.equal(window_reverse(window_partition(pad_nhwc_to_multiple(x[:, :10, :15], 7), 7), 7, 10, 15),
+                       x[:, :10, :15])
+
+
+@pytest.mark.parametrize('scale', [0.05, 1.0, 20.0], ids=['clamp-active', 'mixed', 'clamp-inactive'])
+@pytest.mark.parametrize('grid', GRIDS, ids=lambda g: f'{g[0]}x{g[1]}')
+def test_linear_attention_matches_reference(grid, scale):
+    torch.manual_seed(0)
+    mixer = LinearGlobalAttention(32, 2).double()
+    with torch.no_grad():
+        mixer.qkv.weight.mul_(scale * 50)
+        mixer.temperature.uniform_(0.05, 0.5)
+    x = torch.randn(2, *grid, 32, dtype=torch.float64)
+    out = mixer(x)
+    q, k, v = _heads(mixer, x.reshape(2, -1, 32))
+    ref = linear_attention_naive(q.relu(), k.relu(), v, mixer.temperature, 100.)
+    ref = mixer.proj(ref.transpose(1, 2).reshape(2, -1, 32)).reshape(out.shape)
+    torch.testing.assert_close(out, ref)
+    params = list(mixer.parameters())
+    for a, b in zip(_grads(out, params), _grads(ref, params)):
+        torch.testing.assert_close(a, b)
+
+
+def test_linear_attention_clamp_regimes_and_row_sums():
+    """Rows of A sum to min(1, rowsum/100); the clamp shrinks the output exactly when it is active."""
+    torch.manual_seed(0)
+    q, k = torch.rand(1, 1, 50, 8, dtype=torch.float64), torch.rand(1, 1, 50, 8, dtype=torch.float64)
+    ones = torch.ones(1, 1, 50, 1, dtype=torch.float64)
+    for s in (0.3, 3.0):  # raw row sums ~ 50*2*s^2: ~9 (clamped) and ~900 (not clamped)
+        rowsum = (q * s) @ (k * s).sum(-2, keepdim=True).transpose(-2, -1)
+        row_of_a = linear_attention_naive(q * s, k * s, ones, torch.tensor(1.0), 100.)
+        torch.testing.assert_close(row_of_a, (rowsum / 100).clamp(max=1))
+        torch.testing.assert_close(linear_attention(q * s, k * s, ones, torch.tensor(1.0), 100.), row_of_a)
+    with pytest.raises(ValueError, match='clamp_min must be > 0'):
+        LinearGlobalAttention(32, 2, clamp_min=0)
+
+
+def test_linear_attention_temperature_scales_output_only():
+    mixer = LinearGlobalAttention(32, 4)
+    assert mixer.temperature.shape == (4, 1, 1)
+    torch.testing.assert_close(mixer.temperature, torch.full((4, 1, 1), 8 ** -0.5))
+    q, k, v = (torch.rand(1, 4, 30, 8) for _ in range(3))
+    t = torch.tensor([1., 2., 3., 4.]).view(4, 1, 1)
+    torch.testing.assert_close(linear_attention(q, k, v, t), t * linear_attention(q, k, v, torch.tensor(1.0)))
+
+
+def test_linear_attention_probes_see_feature_mapped_qk():
+    mixer = LinearGlobalAttention(16, 2)
+    seen = {}
+    mixer.q_probe.register_forward_hook(lambda m, a, o: seen.setdefault('q', o))
+    mixer.k_probe.register_forward_hook(lambda m, a, o: seen.setdefault('k', o))
+    mixer(torch.randn(1, 4, 5, 16))
+    assert seen['q'].shape == (1, 2, 20, 8) and (seen['q'] >= 0).all() and (seen['k'] >= 0).all()
+
+
+@pytest.mark.parametrize('fused', [True, False], ids=['sdpa', 'explicit'])
+def test_global_softmax_matches_reference(fused):
+    torch.manual_seed(0)
+    mixer = get_mixer('softmax')(32, 4).double()
+    mixer.fused_attn = fused
+    x = torch.randn(2, 6, 5, 32, dtype=torch.float64)
+    q, k, v = _heads(mixer, x.reshape(2, 30, 32))
+    ref = mixer.proj(softmax_attention_naive(q, k, v, mixer.scale).transpose(1, 2).reshape(2, 30, 32))
+    torch.testing.assert_close(mixer(x), ref.reshape(2, 6, 5, 32))
