@@ -5,7 +5,7 @@ VENV := .venv
 VPY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: run test test-all setup clean
+.PHONY: run test test-slow test-all setup clean
 
 setup: $(STAMP)
 
@@ -21,6 +21,10 @@ run: $(STAMP)
 
 test: $(STAMP)
 	$(VPY) -m pytest -q
+
+# tests marked slow (CI runs them after `make test`); exit code 5 means none are marked
+test-slow: $(STAMP)
+	$(VPY) -m pytest -q -m slow || test $$? -eq 5
 
 test-all: $(STAMP)
 	$(VPY) -m pytest -q -m ''

@@ -90,6 +90,11 @@ def test_options_beyond_the_paper():
                       block_pattern=[('window',), ('window', 'linear'), ('linear',), ('softmax', 'linear')])
     assert [[b.mixer for b in s.blocks] for s in per_stage.stages] == [
         ['window', 'window'], ['window', 'linear'], ['linear', 'linear'], ['softmax', 'linear']]
+    swapped = timm.create_model('test_l2vit', global_mixer='softmax')
+    assert [b.mixer for b in swapped.stages[2].blocks] == ['window', 'softmax']
+    assert swapped.stages[2].blocks[1].local_mp is not None
+    with pytest.raises(ValueError, match="unknown token mixer 'nope'"):
+        timm.create_model('test_l2vit', global_mixer='nope')
     plain = L2ViT(depths=(2, 2, 2, 2), dims=(16, 32, 64, 128), use_lcm=False)
     assert all(b.local_mp is None for s in plain.stages for b in s.blocks)
     clamp = L2ViT(depths=(2, 2, 2, 2), dims=(16, 32, 64, 128), mixer_kwargs={'linear': {'clamp_min': 3.0}})

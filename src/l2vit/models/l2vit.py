@@ -36,7 +36,7 @@ from timm.models import (
 )
 from torch import nn
 
-from ..layers import ConvPosEnc, ConvStem, Downsample, LocalConcentration, create_mixer, is_local_mixer
+from ..layers import ConvPosEnc, ConvStem, Downsample, LocalConcentration, create_mixer, get_mixer, is_local_mixer
 from ..layers._compat import feature_take_indices
 from ._weights import check_checkpoint_file
 
@@ -276,6 +276,8 @@ class L2ViT(nn.Module):
         block_pattern: Mixer names cycled over the block index in each stage, or one such pattern per stage.
             The official model is ``('window', 'linear')``; e.g. ``('window', 'softmax')`` puts global softmax
             attention in the global blocks and ``'window'`` alone gives an all-LWA network.
+        global_mixer: Shortcut that puts this mixer in place of every global (non-windowed) mixer of
+            ``block_pattern``, e.g. ``global_mixer='softmax'``; the blocks keep their LCM.
         use_lcm: Give global blocks the Local Concentration Module (False: the "un-enhanced" LGA).
         lcm_kernel_size: LCM depth-wise kernel.
         cpe_kernel_size: CPE depth-wise kernel.
@@ -303,6 +305,7 @@ class L2ViT(nn.Module):
             attn_drop_rate: float = 0.,
             drop_path_rate: float = 0.,
             block_pattern: Sequence[str] | Sequence[Sequence[str]] = ('window', 'linear'),
+            global_mixer: str | None = None,
             use_lcm: bool = True,
             lcm_kernel_size: int = 7,
             cpe_kernel_size: int = 3,
@@ -327,6 +330,9 @@ class L2ViT(nn.Module):
         window_size = _per_stage(window_size, num_stages, 'window_size')
         mlp_ratio = _per_stage(mlp_ratio, num_stages, 'mlp_ratio')
         patterns = _block_patterns(block_pattern, num_stages)
+        if global_mixer is not None:
+            get_mixer(global_mixer)  # unknown names fail here, listing the registered ones
+            patterns = [tuple(m if is_local_mixer(m) else global_mixer for m in p) for p in patterns]
         norm_layer = norm_layer or partial(nn.LayerNorm, eps=1e-5)
         act_layer = act_layer or nn.GELU
 
