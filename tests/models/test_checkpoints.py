@@ -213,6 +213,7 @@ def test_convert_infers_variant_without_args(tmp_path):
     assert cli_main(['convert', str(src), str(tmp_path / 'out2'), '--model', 'l2vit_small']) == 2
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('name', [n for n in OFFICIAL_VARIANTS if n != 'l2vit_tiny'])
 def test_timm_loads_every_official_variant(name, tmp_path):
     path = tmp_path / 'release.pth'

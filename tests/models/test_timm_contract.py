@@ -17,7 +17,11 @@ from timm.layers import get_notrace_functions, get_notrace_modules, set_layer_co
 from timm.optim import param_groups_weight_decay
 from torchvision.models.feature_extraction import create_feature_extractor, get_graph_node_names
 
-MODELS = timm.list_models('*l2vit*')
+# the full-size S/B/B-384 variants run every check too, in the slow suite (`make test-slow`, run by CI)
+_BIG = ('l2vit_small', 'l2vit_base')
+MODELS = [pytest.param(n, marks=pytest.mark.slow) if n.startswith(_BIG) else n for n in timm.list_models('*l2vit*')]
+TAGS = [pytest.param(n, marks=pytest.mark.slow) if n.startswith(_BIG) else n
+        for n in timm.list_models('*l2vit*', include_tags=True)]
 TARGET_FWD_SIZE, TARGET_BWD_SIZE, TARGET_FFEAT_SIZE, TARGET_FX_SIZE, TARGET_JIT_SIZE = 384, 128, 96, 128, 128
 
 
@@ -31,7 +35,7 @@ def _input_size(model, target=None):
 
 
 def test_all_variants_registered():
-    assert {'l2vit_tiny', 'l2vit_small', 'l2vit_base', 'l2vit_base_384', 'test_l2vit'} <= set(MODELS)
+    assert {'l2vit_tiny', 'l2vit_small', 'l2vit_base', 'l2vit_base_384', 'test_l2vit'} <= set(timm.list_models())
     assert set(timm.list_models('l2vit_base*', include_tags=True)) == {
         'l2vit_base.orig_in1k', 'l2vit_base.orig_in22k', 'l2vit_base.orig_in22k_ft_in1k',
         'l2vit_base_384.orig_in22k_ft_in1k'}
@@ -60,7 +64,7 @@ def test_model_backward(name):
     assert all(torch.isfinite(p.grad).all() for p in model.parameters())
 
 
-@pytest.mark.parametrize('name', timm.list_models('*l2vit*', include_tags=True))
+@pytest.mark.parametrize('name', TAGS)
 def test_model_default_cfgs(name):
     model = timm.create_model(name).eval()
     cfg = model.pretrained_cfg
