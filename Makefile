@@ -17,7 +17,7 @@ $(STAMP): pyproject.toml constraints.txt
 	touch $(STAMP)
 
 run: $(STAMP)
-	$(VPY) -m l2vit zoo
+	$(VPY) -m l2vit train --config configs/train/digits_demo.yaml --overwrite
 
 test: $(STAMP)
 	$(VPY) -m pytest -q

@@ -1,0 +1,63 @@
+"""Optimizer and per-iteration learning-rate schedule from timm's factories, with the recipe's weight-decay rule."""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from timm.optim import create_optimizer_v2, param_groups_layer_decay, param_groups_weight_decay
+from timm.scheduler import create_scheduler_v2
+
+from .config import OptimConfig, SchedConfig
+
+__all__ = ['no_weight_decay_patterns', 'build_optimizer', 'build_scheduler']
+
+TEMPERATURE_PATTERN = '*.temperature'
+
+
+def no_weight_decay_patterns(model: torch.nn.Module, cfg: OptimConfig) -> set[str]:
+    """Parameter-name patterns exempt from weight decay beyond timm's rule (1-D tensors and biases).
+
+    L²ViT's ``no_weight_decay()`` is empty, as in the official recipe, which decays the per-head attention
+    temperatures (shape ``(heads, 1, 1)``). ``decay_temperature=False`` adds ``*.temperature``.
+    """
+    patterns = set(getattr(model, 'no_weight_decay', lambda: set())())
+    patterns |= set(cfg.no_weight_decay)
+    if not cfg.decay_temperature:
+        patterns.add(TEMPERATURE_PATTERN)
+    return patterns
+
+
+def build_optimizer(model: torch.nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer:
+    """timm ``create_optimizer_v2`` over parameter groups built by timm's ``param_groups_*`` helpers."""
+    patterns = no_weight_decay_patterns(model, cfg)
+    if cfg.layer_decay is not None:
+        groups: Any = param_groups_layer_decay(model, cfg.weight_decay, no_weight_decay_list=patterns,
+                                               layer_decay=cfg.layer_decay)
+    else:
+        groups = param_groups_weight_decay(model, cfg.weight_decay, no_weight_decay_list=patterns)
+    kwargs: dict[str, Any] = {}
+    if cfg.betas is not None:
+        kwargs['betas'] = tuple(cfg.betas)
+    if cfg.eps is not None:
+        kwargs['eps'] = cfg.eps
+    return create_optimizer_v2(groups, opt=cfg.opt, lr=cfg.lr, weight_decay=cfg.weight_decay,
+                               momentum=cfg.momentum, **kwargs)
+
+
+def build_scheduler(optimizer: torch.optim.Optimizer, cfg: SchedConfig, epochs: int, updates_per_epoch: int):
+    """timm scheduler stepped per optimizer update: linear warm-up from ``warmup_lr``, then ``sched`` to ``min_lr``.
+
+    The warm-up is a prefix of the ``epochs`` (as in the official code: 20 warm-up + 280 cosine epochs = 300).
+    """
+    scheduler, _ = create_scheduler_v2(
+        optimizer,
+        sched=cfg.sched,
+        num_epochs=max(1, round(epochs - cfg.warmup_epochs)),
+        warmup_epochs=cfg.warmup_epochs,
+        warmup_lr=cfg.warmup_lr,
+        warmup_prefix=True,
+        min_lr=cfg.min_lr,
+        step_on_epochs=False,
+        updates_per_epoch=updates_per_epoch,
+    )
+    return scheduler
