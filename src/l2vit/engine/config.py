@@ -21,7 +21,7 @@ import yaml
 __all__ = [
     'ModelConfig', 'FinetuneConfig', 'DataConfig', 'AugConfig', 'OptimConfig', 'SchedConfig', 'EmaConfig',
     'CheckpointConfig', 'LogConfig', 'TrainConfig', 'ConfigError', 'load_config', 'config_from_dict',
-    'config_to_dict', 'apply_overrides', 'parse_override', 'config_diff',
+    'config_to_dict', 'apply_overrides', 'parse_override', 'config_diff', 'dataclass_from_dict', 'read_yaml_config',
 ]
 
 _IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -252,7 +252,11 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     raise ConfigError(f'{key}: unsupported type {_type_name(tp)}')
 
 
-def _from_dict(cls: type, data: dict[str, Any], prefix: str = '') -> Any:
+def dataclass_from_dict(cls: type, data: dict[str, Any], prefix: str = '') -> Any:
+    """Build config dataclass ``cls`` from a nested dict, coercing values to the annotated types.
+
+    Unknown keys and values of the wrong type raise a :class:`ConfigError` naming the dotted key.
+    """
     if not isinstance(data, dict):
         raise ConfigError(f'{prefix.rstrip(".") or "config"}: expected a mapping, got {data!r}')
     hints = typing.get_type_hints(cls)
@@ -267,7 +271,7 @@ def _from_dict(cls: type, data: dict[str, Any], prefix: str = '') -> Any:
             continue
         tp = hints[name]
         if dataclasses.is_dataclass(tp):
-            kwargs[name] = _from_dict(tp, data[name] or {}, f'{prefix}{name}.')
+            kwargs[name] = dataclass_from_dict(tp, data[name] or {}, f'{prefix}{name}.')
         else:
             kwargs[name] = _coerce(data[name], tp, prefix + name)
     return cls(**kwargs)
@@ -275,7 +279,7 @@ def _from_dict(cls: type, data: dict[str, Any], prefix: str = '') -> Any:
 
 def config_from_dict(data: dict[str, Any]) -> TrainConfig:
     """Build and validate a :class:`TrainConfig` from a (possibly partial) nested dict."""
-    return _from_dict(TrainConfig, data).validate()
+    return dataclass_from_dict(TrainConfig, data).validate()
 
 
 def config_to_dict(cfg: TrainConfig) -> dict[str, Any]:
@@ -299,7 +303,8 @@ def _merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def _read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]:
+def read_yaml_config(path: Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]:
+    """Read a YAML config file, merging the file named by its ``base:`` key (recursively) underneath it."""
     path = path.resolve()
     if path in seen:
         raise ConfigError(f'config files include each other in a loop: {" -> ".join(map(str, seen + (path,)))}')
@@ -313,7 +318,7 @@ def _read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]:
         raise ConfigError(f'{path}: expected a mapping of config sections at the top level')
     base = data.pop('base', None)
     if base is not None:
-        data = _merge(_read_yaml(path.parent / base, seen + (path,)), data)
+        data = _merge(read_yaml_config(path.parent / base, seen + (path,)), data)
     return data
 
 
@@ -355,7 +360,7 @@ def load_config(path: str | os.PathLike | None = None, overrides: dict[str, Any]
     Raises:
         ConfigError: for a missing or malformed file, an unknown key or a value of the wrong type.
     """
-    data = _read_yaml(Path(path)) if path is not None else {}
+    data = read_yaml_config(Path(path)) if path is not None else {}
     return config_from_dict(apply_overrides(data, overrides or {}))
 
 

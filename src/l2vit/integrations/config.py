@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..engine.config import ConfigError, _from_dict, _read_yaml, apply_overrides, config_to_dict
+from ..engine.config import ConfigError, apply_overrides, config_to_dict, dataclass_from_dict, read_yaml_config
 
 __all__ = [
     'OptimSection', 'SchedSection', 'RunSection', 'DetModelConfig', 'DetDataConfig', 'DetAugConfig', 'DetConfig',
@@ -276,7 +276,7 @@ def dense_config_from_dict(task: str, data: dict[str, Any]) -> DetConfig | SegCo
     declared = data.pop('task', task)
     if declared != task:
         raise ConfigError(f"this is a '{declared}' recipe, not a '{task}' one")
-    return _from_dict(_TASKS[task], data).validate()
+    return dataclass_from_dict(_TASKS[task], data).validate()
 
 
 def dense_config_to_dict(cfg: DetConfig | SegConfig) -> dict[str, Any]:
@@ -288,6 +288,6 @@ def dense_config_to_dict(cfg: DetConfig | SegConfig) -> dict[str, Any]:
 def load_dense_config(task: str, path: str | os.PathLike | None = None,
                       overrides: dict[str, Any] | None = None) -> DetConfig | SegConfig:
     """Read a YAML recipe (``base:`` chains allowed; None: the defaults) and apply dotted-key overrides."""
-    data = _read_yaml(Path(path)) if path is not None else {}
+    data = read_yaml_config(Path(path)) if path is not None else {}
     return dense_config_from_dict(task, apply_overrides(data, overrides or {}))
 
