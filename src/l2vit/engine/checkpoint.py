@@ -30,7 +30,7 @@ from safetensors.torch import save_file
 from ..models import CheckpointError, load_checkpoint_file
 
 __all__ = ['CheckpointManager', 'LoadedCheckpoint', 'fsync_dir', 'atomic_write_text', 'read_checkpoint',
-           'find_resume_checkpoint', 'CHECKPOINT_VERSION']
+           'find_resume_checkpoint', 'resolve_resume', 'CHECKPOINT_VERSION']
 
 _logger = logging.getLogger(__name__)
 
@@ -129,6 +129,41 @@ def _candidates(root: Path) -> list[tuple[tuple[int, int], Path]]:
 def find_resume_checkpoint(run_dir: str | os.PathLike) -> list[Path]:
     """Checkpoint directories of a run, newest progress first (epoch checkpoints and recovery checkpoints)."""
     return [p for _, p in _candidates(Path(run_dir) / 'checkpoints')]
+
+
+def resolve_resume(
+        resume: str | os.PathLike | None,
+        run_dir: str | os.PathLike,
+        logger: logging.Logger | None = None,
+) -> LoadedCheckpoint | None:
+    """The checkpoint a ``--resume`` value points at, read and checked.
+
+    Args:
+        resume: None (start fresh), ``'auto'`` (the newest readable checkpoint in ``run_dir``; unreadable newer ones
+            are skipped with a warning), a run directory, or a checkpoint path.
+        run_dir: The run directory ``'auto'`` searches.
+        logger: Where skipped checkpoints are reported.
+
+    Raises:
+        CheckpointError: an explicit path holds no readable checkpoint, or every candidate is unreadable.
+    """
+    if resume is None:
+        return None
+    if resume == 'auto':
+        candidates = find_resume_checkpoint(run_dir)
+    else:
+        p = Path(resume)
+        candidates = find_resume_checkpoint(p) if (p / 'checkpoints').is_dir() else [p]
+        if not candidates:
+            raise CheckpointError(f'--resume {resume}: no checkpoint found there')
+    for i, path in enumerate(candidates):
+        try:
+            return read_checkpoint(path)
+        except CheckpointError as e:
+            if resume != 'auto' or i == len(candidates) - 1:
+                raise
+            (logger or _logger).warning(f'skipping unreadable checkpoint {path}: {e}')
+    return None
 
 
 class CheckpointManager:

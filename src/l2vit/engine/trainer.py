@@ -40,7 +40,7 @@ from .checkpoint import (
     LoadedCheckpoint,
     atomic_write_text,
     find_resume_checkpoint,
-    read_checkpoint,
+    resolve_resume,
 )
 from .config import TrainConfig, config_diff, config_to_dict
 from .distributed import all_gather_objects, broadcast_object, cleanup_distributed, init_distributed
@@ -226,23 +226,7 @@ class Trainer:
                                cfg.optim.clip_grad, cfg.optim.clip_mode, cfg.optim.update_freq, self.dist.world_size)
 
     def _find_resume(self) -> LoadedCheckpoint | None:
-        if self.resume is None:
-            return None
-        if self.resume == 'auto':
-            candidates = find_resume_checkpoint(self.run_dir)
-        else:
-            p = Path(self.resume)
-            candidates = find_resume_checkpoint(p) if (p / 'checkpoints').is_dir() else [p]
-            if not candidates:
-                raise CheckpointError(f'--resume {self.resume}: no checkpoint found there')
-        for i, path in enumerate(candidates):
-            try:
-                return read_checkpoint(path)
-            except CheckpointError as e:
-                if self.resume != 'auto' or i == len(candidates) - 1:
-                    raise
-                self.logger.warning(f'skipping unreadable checkpoint {path}: {e}')
-        return None
+        return resolve_resume(self.resume, self.run_dir, self.logger)
 
     def _check_resume(self, ckpt: LoadedCheckpoint) -> None:
         state = ckpt.state

@@ -38,6 +38,7 @@ from ..engine.checkpoint import (
     atomic_write_text,
     find_resume_checkpoint,
     read_checkpoint,
+    resolve_resume,
 )
 from ..engine.config import config_diff
 from ..engine.distributed import all_gather_objects, cleanup_distributed, init_distributed
@@ -178,27 +179,10 @@ class DenseTrainer(ABC):
             dist.barrier()
 
     def _find_resume(self) -> LoadedCheckpoint | None:
-        if self.resume is None:
-            return None
-        if self.resume == 'auto':
-            candidates = find_resume_checkpoint(self.run_dir)
-        else:
-            p = Path(self.resume)
-            candidates = find_resume_checkpoint(p) if (p / 'checkpoints').is_dir() else [p]
-            if not candidates:
-                raise CheckpointError(f'--resume {self.resume}: no checkpoint found there')
-        for i, path in enumerate(candidates):
-            try:
-                ckpt = read_checkpoint(path)
-            except CheckpointError as e:
-                if self.resume != 'auto' or i == len(candidates) - 1:
-                    raise
-                self.logger.warning(f'skipping unreadable checkpoint {path}: {e}')
-                continue
-            if ckpt.state.get('task') != self.task:
-                raise CheckpointError(f'{path} is not a {self.task} checkpoint (task {ckpt.state.get("task")!r})')
-            return ckpt
-        return None
+        ckpt = resolve_resume(self.resume, self.run_dir, self.logger)
+        if ckpt is not None and ckpt.state.get('task') != self.task:
+            raise CheckpointError(f'{ckpt.path} is not a {self.task} checkpoint (task {ckpt.state.get("task")!r})')
+        return ckpt
 
     def _build_loader(self) -> None:
         cfg = self.cfg
