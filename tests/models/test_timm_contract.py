@@ -171,7 +171,8 @@ def test_model_forward_fx(name):
         fx_model = _fx_model(model)
         out = fx_model(x)
     out = tuple(out.values())[0] if isinstance(out, dict) else out
-    assert torch.equal(out, eager)
+    # eager inference takes the fused/chunked fast paths (same values up to float rounding), FX the plain forward
+    torch.testing.assert_close(out, eager)
 
 
 @pytest.mark.parametrize('name', MODELS)

@@ -5,11 +5,11 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from . import convert, zoo
+from . import analyze, bench, convert, det, eval, export, predict, seg, train, zoo
 
 __all__ = ['main', 'build_parser']
 
-_COMMANDS = (zoo, convert)
+_COMMANDS = (zoo, convert, analyze, train, eval, predict, det, seg, bench, export)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,4 +1,5 @@
 """Reusable L²ViT building blocks (no model wiring)."""
+from ._fastpath import fast_paths
 from ._registry import create_mixer, get_mixer, is_local_mixer, list_mixers, register_mixer
 from .cpe import ConvPosEnc
 from .lcm import LocalConcentration

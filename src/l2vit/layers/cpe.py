@@ -4,6 +4,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ._fastpath import unobserved
+
 __all__ = ['ConvPosEnc']
 
 
@@ -21,5 +23,13 @@ class ConvPosEnc(nn.Module):
         self.proj = nn.Conv2d(dim, dim, kernel_size, padding=kernel_size // 2, groups=dim, bias=True, **dd)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # NHWC -> NCHW is a view with channels_last strides, which the depth-wise conv consumes directly
-        return x + self.proj(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
+        # NHWC -> NCHW is a view with channels_last strides, which the depth-wise conv consumes directly; its output
+        # is channels_last too, so the permute back is contiguous NHWC
+        y = self.proj(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
+        return x + y if torch.jit.is_scripting() else self._residual(x, y)
+
+    @torch.jit.unused
+    def _residual(self, x, y):  # unannotated: TorchScript reads Tensor -> Tensor (and never calls it)
+        if unobserved(self.proj) and y.dtype == x.dtype:
+            return y.add_(x)  # a conv does not save its output for backward: adding in place is exact, one tensor less
+        return x + y

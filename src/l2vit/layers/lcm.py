@@ -4,6 +4,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ._fastpath import activation, can_overwrite, frozen_bn_affine, unobserved
+
 __all__ = ['LocalConcentration']
 
 
@@ -36,6 +38,20 @@ class LocalConcentration(nn.Module):
         self.conv2 = nn.Conv2d(dim, dim, kernel_size, padding=pad, groups=dim, bias=True, **dd)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x.permute(0, 3, 1, 2)  # B, C, H, W (channels_last view)
-        x = self.conv2(self.bn(self.act(self.conv1(x))))
+        x = self.conv1(x.permute(0, 3, 1, 2))  # B, C, H, W as a channels_last view: no copy either way
+        x = self.bn(self.act(x)) if torch.jit.is_scripting() else self._act_bn(x)
+        x = self.conv2(x)
         return x.permute(0, 2, 3, 1)
+
+    @torch.jit.unused
+    def _act_bn(self, x):  # unannotated: TorchScript reads Tensor -> Tensor (and never calls it)
+        x = activation(self.act, x, self.conv1)
+        if not (can_overwrite(x, self.act) and unobserved(self.bn)):  # False while FX traces: no buffer is read
+            return self.bn(x)
+        bn = frozen_bn_affine(self.bn)
+        if bn is None:
+            return self.bn(x)
+        # inference: the frozen BatchNorm as one in-place multiply-add (it cannot fold into conv2: the zero padding
+        # of conv2 applies after the norm)
+        scale, shift = (t.to(x.dtype).view(-1, 1, 1) for t in bn)
+        return torch.addcmul(shift, x, scale, out=x)

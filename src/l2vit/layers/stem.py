@@ -2,8 +2,10 @@
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
+from ._fastpath import activation, eager_inference, frozen_bn_affine
 from .padding import pad_nchw_to_multiple
 
 __all__ = ['ConvStem', 'Downsample']
@@ -40,9 +42,34 @@ class ConvStem(nn.Module):
         self.norm = norm_layer(dim, **dd)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = pad_nchw_to_multiple(x, 4)
-        x = self.bn2(self.conv2(self.act(self.bn1(self.conv1(x)))))
+        # channels_last from the start (a copy of a 3-channel image): every conv then runs in NHWC and the final
+        # permute to tokens is a free view instead of a copy of the stride-4 map
+        x = pad_nchw_to_multiple(x.contiguous(memory_format=torch.channels_last), 4)
+        if torch.jit.is_scripting():
+            x = self.bn2(self.conv2(self.act(self.bn1(self.conv1(x)))))
+        else:
+            x = self._convs(x)
         return self.norm(x.permute(0, 2, 3, 1))  # B, H/4, W/4, C
+
+    @torch.jit.unused
+    def _convs(self, x):  # unannotated: TorchScript reads Tensor -> Tensor (and never calls it)
+        fold = eager_inference(x, self)  # checked first: it is False while FX traces, before any buffer is read
+        bn1 = frozen_bn_affine(self.bn1) if fold else None
+        bn2 = frozen_bn_affine(self.bn2) if fold else None
+        if bn1 is None or bn2 is None:
+            return self.bn2(self.conv2(activation(self.act, self.bn1(self.conv1(x)), self.bn1)))
+        # inference: each frozen BatchNorm folded into the convolution before it (exact up to rounding), ReLU in
+        # place: two passes over the stride-2 and stride-4 maps less, and no fresh tensor for them
+        x = _conv_with_affine(self.conv1, x, *bn1)
+        x = activation(self.act, x, self.bn1)
+        return _conv_with_affine(self.conv2, x, *bn2)
+
+
+def _conv_with_affine(conv: nn.Conv2d, x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
+    """``conv(x) * scale + shift`` (per output channel) as one convolution with folded weight and bias."""
+    weight = conv.weight * scale.view(-1, 1, 1, 1).to(conv.weight.dtype)
+    bias = shift if conv.bias is None else conv.bias * scale + shift
+    return F.conv2d(x, weight, bias.to(conv.weight.dtype), conv.stride, conv.padding, conv.dilation, conv.groups)
 
 
 class Downsample(nn.Module):

@@ -26,7 +26,7 @@ from typing import Any
 
 import torch
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
-from timm.layers import ClassifierHead, DropPath, Mlp, register_notrace_function, trunc_normal_
+from timm.layers import ClassifierHead, DropPath, register_notrace_function, trunc_normal_
 from timm.models import (
     build_model_with_cfg,
     checkpoint_seq,
@@ -38,6 +38,8 @@ from torch import nn
 
 from ..layers import ConvPosEnc, ConvStem, Downsample, LocalConcentration, create_mixer, get_mixer, is_local_mixer
 from ..layers._compat import feature_take_indices
+from ..layers._fastpath import eager_inference
+from ..layers.mlp import Mlp, mlp_residual_chunked
 from ._weights import check_checkpoint_file
 
 __all__ = ['L2ViT', 'L2ViTBlock', 'L2ViTStage', 'checkpoint_filter_fn', 'check_image_input', 'MIN_INPUT_SIZE']
@@ -78,17 +80,17 @@ def _block_patterns(block_pattern: Sequence[str] | Sequence[Sequence[str]], num_
 @register_notrace_function  # reason: validates Python-level shape/dtype facts of the input
 def check_image_input(x: torch.Tensor, in_chans: int, min_size: int = MIN_INPUT_SIZE) -> torch.Tensor:
     """Return ``x`` unchanged, or raise a ``ValueError`` saying what was expected of a ``(B, in_chans, H, W)`` image."""
-    shape = str(list(x.shape))
+    # the shape is formatted only on error paths: str() of a symbolic size would break torch.compile(dynamic=True)
     if x.dim() != 4:
         hint = ' (add a batch dimension with x.unsqueeze(0))' if x.dim() == 3 else ''
         raise ValueError(f'expected a 4-D image batch (B, {in_chans}, H, W), got a {x.dim()}-D tensor of shape '
-                         f'{shape}{hint}')
+                         f'{str(list(x.shape))}{hint}')
     if not x.is_floating_point():
         raise ValueError(f'expected a floating-point image tensor, got dtype {x.dtype} (convert with x.float() and '
                          'normalise, e.g. with the mean/std of the model\'s pretrained_cfg)')
     if x.shape[1] != in_chans:
         raise ValueError(f'expected {in_chans} input channels (in_chans={in_chans}), got {x.shape[1]} in an input '
-                         f'of shape {shape}')
+                         f'of shape {str(list(x.shape))}')
     if x.shape[2] < min_size or x.shape[3] < min_size:
         raise ValueError(f'input spatial size {x.shape[2]}x{x.shape[3]} is below the minimum of '
                          f'{min_size}x{min_size} (one cell at the model\'s output stride of 32)')
@@ -182,13 +184,35 @@ class L2ViTBlock(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.cpe[0](x)
-        x = x + self.drop_path(self.attn(self.norm1(x)))
+        if torch.jit.is_scripting():
+            x = x + self.drop_path(self.attn(self.norm1(x)))
+        else:
+            x = self._attn_branch(x)
         if self.local_mp is not None:
             x = x + self.drop_path(self.local_mp(self.norm3(x)))
         elif len(self.cpe) > 1:
             x = self.cpe[1](x)
-        x = x + self.drop_path(self.mlp(self.norm2(x)))
-        return x
+        if torch.jit.is_scripting():
+            return x + self.drop_path(self.mlp(self.norm2(x)))
+        return self._mlp_branch(x)
+
+    @torch.jit.unused
+    def _attn_branch(self, x):  # unannotated: TorchScript reads Tensor -> Tensor (and never calls it)
+        # mixers that offer it run norm, attention and residual over cache-sized chunks in inference (same values)
+        chunked = getattr(self.attn, 'chunked_residual', None)
+        if chunked is not None and eager_inference(x, self.norm1, self.attn, self.drop_path):
+            out = chunked(x, self.norm1)
+            if out is not None:
+                return out
+        return x + self.drop_path(self.attn(self.norm1(x)))
+
+    @torch.jit.unused
+    def _mlp_branch(self, x):  # unannotated: TorchScript reads Tensor -> Tensor (and never calls it)
+        if eager_inference(x, self.norm2, self.mlp, self.drop_path):
+            out = mlp_residual_chunked(x, self.norm2, self.mlp)
+            if out is not None:
+                return out
+        return x + self.drop_path(self.mlp(self.norm2(x)))
 
 
 class L2ViTStage(nn.Module):

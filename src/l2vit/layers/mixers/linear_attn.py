@@ -10,14 +10,98 @@ The module computes this "kv-first", in O(N·d²) time and O(d²) state per head
 """
 from __future__ import annotations
 
+import contextlib
+
 import torch
+from timm.layers import register_notrace_function
 from torch import nn
 
+from .._fastpath import chunk_rows, eager_inference, grad_free
 from .._registry import register_mixer
 
-__all__ = ['LinearGlobalAttention', 'linear_attention', 'linear_attention_naive']
+__all__ = ['LinearGlobalAttention', 'linear_attention', 'linear_attention_naive', 'split_heads']
+
+def _accum_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Precision of the attention core: fp32 for half-precision inputs (Σ over N of kᵀv overflows fp16), else as is."""
+    if dtype == torch.float16 or dtype == torch.bfloat16:
+        return torch.float32
+    return dtype
 
 
+def _heads_major(t: torch.Tensor, dtype: torch.dtype, relu: bool) -> torch.Tensor:
+    """A ``(B, heads, N, d)`` view → contiguous ``(B, heads, N, d)`` in ``dtype`` (ReLU-mapped if ``relu``).
+
+    The qkv projection yields heads interleaved along channels; the batched matmuls of the core want each head's
+    tokens contiguous, so the feature map and this layout change share one pass where autograd allows it.
+    """
+    if not torch.jit.is_scripting() and grad_free([t]):
+        return _heads_major_into(t, torch.empty(t.shape, dtype=dtype, device=t.device), relu)
+    t = t.to(dtype, memory_format=torch.contiguous_format, copy=True)
+    return t.relu_() if relu else t
+
+
+def _heads_major_into(t: torch.Tensor, out: torch.Tensor, relu: bool) -> torch.Tensor:
+    """Write ``relu(t)`` (or ``t``) into ``out`` in one pass, converting layout and dtype (not for autograd)."""
+    if relu:  # a 0-dim fp32 zero leaves the op in t's dtype; the result is cast exactly while it is written
+        return torch.maximum(t, torch.zeros((), dtype=torch.float32, device=t.device), out=out)
+    return out.copy_(t)
+
+
+@register_notrace_function  # reason: layout and precision depend on the dtype and on autograd
+def split_heads(qkv: torch.Tensor, num_heads: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(B, N, 3C)`` qkv projection → ``φ(q), φ(k), v``, each ``(B, heads, N, d)`` with heads-major memory.
+
+    Half-precision projections give fp32 results (the precision of the attention core).
+    """
+    B, N = qkv.shape[0], qkv.shape[1]
+    q, k, v = qkv.view(B, N, 3, num_heads, -1).permute(2, 0, 3, 1, 4).unbind(0)  # views, heads interleaved
+    acc = _accum_dtype(qkv.dtype)
+    q = _heads_major(q, acc, relu=True)
+    k = _heads_major(k, acc, relu=True)
+    if v.dtype != acc or B > 1:  # with B == 1 the matmul folds (1, heads) into one batch dim without a copy
+        v = _heads_major(v, acc, relu=False)
+    return q, k, v
+
+
+def _linear_attention(
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        temperature: torch.Tensor,
+        clamp_min: float,
+) -> torch.Tensor:
+    out_dtype = q.dtype
+    acc = _accum_dtype(out_dtype)
+    B, heads, N = q.shape[0], q.shape[1], q.shape[2]
+    dv = v.shape[-1]
+    q, k, v = q.to(acc), k.to(acc), v.to(acc)
+    kv = torch.matmul(k.transpose(-2, -1), v) * temperature.to(acc)  # B, heads, d, dv
+    state = torch.cat([kv, k.sum(dim=-2).unsqueeze(-1)], dim=-1)  # B, heads, d, dv + 1
+    num_den = torch.matmul(q, state)  # B, heads, N, dv + 1
+    num, den = num_den[..., :dv], num_den[..., dv:].clamp_min(clamp_min)
+    if torch.jit.is_scripting() or not grad_free([num, den]):
+        out = (num / den).transpose(1, 2).contiguous().transpose(1, 2)
+    else:
+        # write the quotient straight into the heads-last layout that the output projection reads
+        out = torch.empty((B, N, heads, dv), dtype=acc, device=q.device).transpose(1, 2)
+        torch.div(num, den, out=out)
+    return out.to(out_dtype)
+
+
+def _autocast_disabled(device_type: str):
+    """Leave autocast while the core runs: it would run the core's matmuls in half precision."""
+    if torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type):
+        return torch.autocast(device_type, enabled=False)
+    return contextlib.nullcontext()
+
+
+@torch.jit.unused
+def _linear_attention_eager(q, k, v, temperature, clamp_min: float):  # unannotated tensors: TorchScript's defaults
+    with _autocast_disabled(q.device.type):
+        return _linear_attention(q, k, v, temperature, clamp_min)
+
+
+@register_notrace_function  # reason: precision and output layout depend on the dtype and on autograd
 def linear_attention(
         q: torch.Tensor,
         k: torch.Tensor,
@@ -27,6 +111,12 @@ def linear_attention(
 ) -> torch.Tensor:
     """kv-first ReLU linear attention on feature-mapped ``(B, heads, N, d)`` queries/keys.
 
+    The state ``τ·kᵀv`` and the key sum ``Σk`` are stacked into one ``d × (dv + 1)`` matrix per head, so one batched
+    matmul yields numerator and denominator. Half-precision inputs (fp16/bf16, under autocast or not) are computed in
+    fp32 — ``Σ kᵀv`` over many tokens overflows fp16 — and the result is returned in their dtype; the clamp keeps
+    its exact meaning, a lower bound of ``clamp_min`` on the fp32 denominator ``φ(q)·Σφ(k)``. The result is laid
+    out heads-last in memory (``out.transpose(1, 2)`` is contiguous), as the output projection reads it.
+
     Args:
         q: ReLU-mapped queries.
         k: ReLU-mapped keys.
@@ -34,10 +124,9 @@ def linear_attention(
         temperature: Per-head scale broadcastable to ``(B, heads, d, d)``; it multiplies the numerator only.
         clamp_min: Lower bound on the denominator ``φ(q)·Σφ(k)``.
     """
-    kv = (k.transpose(-2, -1) @ v) * temperature  # B, heads, d, d
-    z = k.sum(dim=-2, keepdim=True)  # B, heads, 1, d
-    denom = (q @ z.transpose(-2, -1)).clamp(min=clamp_min)  # B, heads, N, 1
-    return (q @ kv) / denom
+    if torch.jit.is_scripting():
+        return _linear_attention(q, k, v, temperature, clamp_min)
+    return _linear_attention_eager(q, k, v, temperature, clamp_min)
 
 
 def linear_attention_naive(
@@ -110,12 +199,77 @@ class LinearGlobalAttention(nn.Module):
         nn.init.constant_(self.temperature, self.head_dim ** -0.5)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.jit.is_scripting():
+            return self._forward(x)
+        return self._forward_eager(x)
+
+    @torch.jit.unused
+    def _forward_eager(self, x):  # unannotated: TorchScript reads Tensor -> Tensor (and never calls it)
+        if eager_inference(x, self):
+            out = self.chunked_residual(x, None)
+            if out is not None:
+                return out
+        return self._forward(x)
+
+    def _forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, H, W, C = x.shape
+        qkv = self.qkv(x.reshape(B, H * W, C))
+        q, k, v = split_heads(qkv, self.num_heads)
+        q = self.q_probe(q)
+        k = self.k_probe(k)
+        out = linear_attention(q, k, v, self.temperature, self.clamp_min)  # B, heads, N, d; heads-last memory
+        out = out.transpose(1, 2).reshape(B, H, W, C).to(qkv.dtype)  # a view, and the projection's precision
+        return self.proj_drop(self.proj(out))
+
+    @torch.jit.unused
+    def chunked_residual(self, x, norm):  # unannotated: TorchScript reads Tensors (and never calls it)
+        """Inference route for ``x + self(norm(x))`` (``norm`` a module), or ``self(x)`` when ``norm`` is None.
+
+        Two passes over chunks of tokens. Pass 1 norms and projects a chunk, keeps its φ(q) and adds its keys and
+        values into the ``d × (d + 1)`` state; pass 2 turns each chunk of φ(q) into output tokens, projects them
+        and adds the residual. The normed map, the full qkv, keys and values never exist: the working set is φ(q)
+        and the output plus one cache-sized chunk. Values match the plain form up to the order of the fp32 sums
+        over chunks. Returns None when the map is too small to be worth splitting.
+        """
         B, H, W, C = x.shape
         N = H * W
-        qkv = self.qkv(x.reshape(B, N, C)).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
-        q, k, v = qkv.unbind(0)  # B, heads, N, head_dim
-        q = self.q_probe(torch.relu(q))
-        k = self.k_probe(torch.relu(k))
-        out = linear_attention(q, k, v, self.temperature, self.clamp_min)
-        out = out.transpose(1, 2).reshape(B, H, W, C)
-        return self.proj_drop(self.proj(out))
+        n = chunk_rows(3 * C, B * N, device=x.device) // B  # tokens of each image per chunk
+        if n == 0:
+            return None
+        heads, d = self.num_heads, self.head_dim
+        tokens = x.reshape(B, N, C)
+        dev = x.device
+        q_all = kv = z = None
+        for start in range(0, N, n):
+            chunk = tokens[:, start:start + n]
+            qkv = self.qkv(norm(chunk) if norm is not None else chunk.contiguous())
+            acc = _accum_dtype(qkv.dtype)
+            if q_all is None:
+                q_all = torch.empty((B, heads, N, d), dtype=acc, device=dev)
+                kv = torch.zeros((B, heads, d, d), dtype=acc, device=dev)
+                z = torch.zeros((B, heads, d), dtype=acc, device=dev)
+            q, k, v = qkv.view(B, -1, 3, heads, d).permute(2, 0, 3, 1, 4).unbind(0)
+            _heads_major_into(q, q_all[:, :, start:start + n], relu=True)
+            k = _heads_major(k, acc, relu=True)
+            v = _heads_major(v, acc, relu=False)
+            with _autocast_disabled(dev.type):
+                kv.add_(torch.matmul(k.transpose(-2, -1), v))
+                z.add_(k.sum(dim=-2))
+        with _autocast_disabled(dev.type):
+            state = torch.cat([kv * self.temperature.to(kv.dtype), z.unsqueeze(-1)], dim=-1)  # B, heads, d, d + 1
+        out = None
+        for start in range(0, N, n):
+            with _autocast_disabled(dev.type):
+                num_den = torch.matmul(q_all[:, :, start:start + n], state)
+                a = torch.empty((B, num_den.shape[2], heads, d), dtype=num_den.dtype, device=dev)
+                torch.div(num_den[..., :d], num_den[..., d:].clamp_min(self.clamp_min), out=a.transpose(1, 2))
+            y = self.proj_drop(self.proj(a.view(B, -1, C).to(qkv.dtype)))
+            src = tokens[:, start:start + n]
+            if out is None:  # the dtype the plain form would give (autocast: the residual's promotion)
+                out = torch.empty((B, N, C), dtype=torch.result_type(src, y) if norm is not None else y.dtype,
+                                  device=dev)
+            if norm is not None:
+                torch.add(src, y, out=out[:, start:start + n])
+            else:
+                out[:, start:start + n] = y
+        return out.view(B, H, W, C)

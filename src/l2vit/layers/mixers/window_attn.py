@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from timm.layers import register_notrace_function, use_fused_attn
 from torch import nn
 
+from .._fastpath import chunk_rows, eager_inference
 from .._registry import register_mixer
 from ..padding import pad_nhwc_to_multiple
 from ._naive import softmax_attention_naive
@@ -29,8 +30,8 @@ def window_partition(x: torch.Tensor, window_size: int) -> torch.Tensor:
 @register_notrace_function  # reason: window counts are Python ints derived from the input shape
 def window_reverse(windows: torch.Tensor, window_size: int, H: int, W: int) -> torch.Tensor:
     """Merge ``(B * nWin, window_size², C)`` windows back into a map and crop it to ``(B, H, W, C)``."""
-    Hp = -(-H // window_size) * window_size
-    Wp = -(-W // window_size) * window_size
+    Hp = (H + window_size - 1) // window_size * window_size
+    Wp = (W + window_size - 1) // window_size * window_size
     C = windows.shape[-1]
     x = windows.view(-1, Hp // window_size, Wp // window_size, window_size, window_size, C)
     x = x.permute(0, 1, 3, 2, 4, 5).reshape(-1, Hp, Wp, C)
@@ -40,8 +41,8 @@ def window_reverse(windows: torch.Tensor, window_size: int, H: int, W: int) -> t
 @register_notrace_function  # reason: the mask depends on the input shape
 def window_key_mask(H: int, W: int, window_size: int, batch: int, device: torch.device) -> torch.Tensor | None:
     """Boolean key mask ``(batch * nWin, 1, 1, window_size²)``, True for real tokens; None when nothing is padded."""
-    Hp = -(-H // window_size) * window_size
-    Wp = -(-W // window_size) * window_size
+    Hp = (H + window_size - 1) // window_size * window_size
+    Wp = (W + window_size - 1) // window_size * window_size
     if Hp == H and Wp == W:
         return None
     valid = torch.zeros(1, Hp, Wp, 1, dtype=torch.bool, device=device)
@@ -100,14 +101,30 @@ class LocalWindowAttention(nn.Module):
         return f'num_heads={self.num_heads}, window_size={self.window_size}, mask_padding={self.mask_padding}'
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.jit.is_scripting():
+            return self._forward(x)
+        return self._forward_eager(x)
+
+    @torch.jit.unused
+    def _forward_eager(self, x):  # unannotated: TorchScript reads Tensor -> Tensor (and never calls it)
+        if eager_inference(x, self):
+            out = self.chunked_residual(x, None)
+            if out is not None:
+                return out
+        return self._forward(x)
+
+    def _forward(self, x: torch.Tensor) -> torch.Tensor:
         B, H, W, C = x.shape
         ws = self.window_size
         windows = window_partition(pad_nhwc_to_multiple(x, ws), ws)  # B*nW, ws*ws, C
-        Bw, N, _ = windows.shape
-        qkv = self.qkv(windows).reshape(Bw, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
-        q, k, v = qkv.unbind(0)  # B*nW, heads, ws*ws, head_dim
-
         mask = window_key_mask(H, W, ws, B, x.device) if self.mask_padding else None
+        return window_reverse(self._attend(windows, mask), ws, H, W)
+
+    def _attend(self, windows: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        """Attention within each of ``(B * nW, ws * ws, C)`` windows, output projection included."""
+        Bw, N, C = windows.shape
+        qkv = self.qkv(windows).reshape(Bw, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv.unbind(0)  # B*nW, heads, ws*ws, head_dim (strided views: SDPA reads them as they are)
         if self.fused_attn:
             out = F.scaled_dot_product_attention(
                 q, k, v,
@@ -120,7 +137,53 @@ class LocalWindowAttention(nn.Module):
                 attn = attn.masked_fill(~mask, float('-inf'))
             attn = self.attn_drop(attn.softmax(dim=-1))
             out = attn @ v
+        out = out.transpose(1, 2).reshape(Bw, N, C)  # a view for SDPA's heads-last output
+        return self.proj_drop(self.proj(out))
 
-        out = out.transpose(1, 2).reshape(Bw, N, C)
-        out = self.proj_drop(self.proj(out))
-        return window_reverse(out, ws, H, W)
+    @torch.jit.unused
+    def chunked_residual(self, x, norm):  # unannotated: TorchScript reads Tensors (and never calls it)
+        """Inference route for ``x + self(norm(x))`` (``norm`` a module), or ``self(x)`` when ``norm`` is None.
+
+        Works through groups of window rows of one image at a time: norm, zero padding, partition, attention,
+        merge and residual add of a group all happen in cache, and no full-size normed map, padded map, window
+        tensor, qkv or attention output is ever allocated. Each window is computed exactly as in the plain form.
+        Returns None when the map is too small to be worth splitting (the caller then runs the plain form).
+        """
+        B, H, W, C = x.shape
+        ws = self.window_size
+        nh, nw = (H + ws - 1) // ws, (W + ws - 1) // ws
+        Hp, Wp = nh * ws, nw * ws
+        row_tokens = ws * Wp
+        tokens = chunk_rows(3 * C, B * nh * row_tokens, device=x.device)
+        if tokens == 0 or B * nh < 2:
+            return None
+        rows = min(max(1, tokens // row_tokens), nh)  # window rows per chunk, within one image
+        padded = Hp != H or Wp != W
+        mask = window_key_mask(H, W, ws, B, x.device) if self.mask_padding else None
+        out = None
+        for b in range(B):
+            for ih0 in range(0, nh, rows):
+                ih1 = min(ih0 + rows, nh)
+                g, r0, r1 = ih1 - ih0, ih0 * ws, min(ih1 * ws, H)
+                src = x[b, r0:r1]
+                tok = norm(src) if norm is not None else src
+                if padded:
+                    buf = tok.new_zeros((g * ws, Wp, C))
+                    buf[:r1 - r0, :W] = tok
+                    tok = buf
+                windows = tok.reshape(g, ws, nw, ws, C).permute(0, 2, 1, 3, 4).reshape(-1, ws * ws, C)
+                chunk_mask = mask[(b * nh + ih0) * nw:(b * nh + ih1) * nw] if mask is not None else None
+                y = self._attend(windows, chunk_mask).view(g, nw, ws, ws, C).permute(0, 2, 1, 3, 4)
+                if out is None:  # the dtype the plain form would give (autocast: the residual's promotion)
+                    dtype = torch.result_type(src, y) if norm is not None else y.dtype
+                    out = torch.empty((B, H, W, C), dtype=dtype, device=x.device)
+                dst = out[b, r0:r1]
+                if not padded:  # add straight from the window layout into the map layout
+                    y, dst, src = y, dst.view(g, ws, nw, ws, C), src.reshape(g, ws, nw, ws, C)
+                else:
+                    y = y.reshape(g * ws, Wp, C)[:r1 - r0, :W]
+                if norm is not None:
+                    torch.add(src, y, out=dst)
+                else:
+                    dst.copy_(y)
+        return out

@@ -1,0 +1,245 @@
+"""Benchmark results on disk: CSV and JSON with an environment header, log-log scaling plots, a Markdown table.
+
+``results.json`` holds ``{"environment": {...}, "rows": [...]}``; ``results.csv`` holds the same rows with the
+environment as ``# key: value`` comment lines on top (``pandas.read_csv(path, comment='#')`` reads it). Files are
+written to a temporary name, flushed to disk and renamed, so an interrupted run never leaves a torn file.
+"""
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+import os
+import tempfile
+from collections import defaultdict
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+__all__ = ['write_results', 'write_text_atomic', 'read_results', 'fit_slope', 'plot_scaling', 'markdown_tables', 'COLUMNS']
+
+COLUMNS = (
+    'model', 'height', 'width', 'pixels', 'batch', 'mode', 'dtype', 'cast', 'device', 'threads', 'compile',
+    'channels_last', 'status', 'time_ms', 'time_q25_ms', 'time_q75_ms', 'time_min_ms', 'time_max_ms', 'reps',
+    'img_per_s', 'peak_mib', 'baseline_mib', 'mem_method', 'gmacs', 'params_m', 'gflops', 'wall_s', 'error',
+)
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    """Write ``text`` to a temporary file beside ``path``, fsync it and rename it over ``path``."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f'.{path.name}.', suffix='.tmp')
+    try:
+        os.chmod(tmp, file_mode())  # mkstemp creates 0600; results are ordinary files
+        with os.fdopen(fd, 'w', newline='') as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with _suppress():
+            os.unlink(tmp)
+        raise
+
+
+def file_mode() -> int:
+    """The mode a plain ``open(path, 'w')`` would give a new file (0666 minus the process umask)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
+class _suppress:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return True
+
+
+def _clean(value: Any) -> Any:
+    """JSON-safe copy: non-finite floats become None (JSON has no NaN), recursively."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _clean(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_clean(v) for v in value]
+    return value
+
+
+def write_results(out_dir: str | Path, environment: dict[str, Any], rows: Sequence[dict[str, Any]]) -> None:
+    """Write ``results.json`` and ``results.csv`` (environment header + one row per configuration)."""
+    out_dir = Path(out_dir)
+    rows = [_clean(r) for r in rows]
+    environment = _clean(environment)
+    write_text_atomic(out_dir / 'results.json', json.dumps({'environment': environment, 'rows': rows}, indent=1,
+                                                           allow_nan=False))
+    buf = io.StringIO()
+    for key, value in environment.items():
+        buf.write(f'# {key}: {value}\n')
+    extra = sorted({k for r in rows for k in r} - set(COLUMNS))
+    writer = csv.DictWriter(buf, fieldnames=[*COLUMNS, *extra], extrasaction='ignore', lineterminator='\n')
+    writer.writeheader()
+    for row in rows:
+        writer.writerow({k: ('' if v is None else v) for k, v in row.items()})
+    write_text_atomic(out_dir / 'results.csv', buf.getvalue())
+
+
+def read_results(path: str | Path) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """Read a ``results.json`` (or the folder holding it): ``(environment, rows)``."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / 'results.json'
+    data = json.loads(path.read_text())
+    if not isinstance(data, dict) or 'rows' not in data:
+        raise ValueError(f'{path} is not an l2vit benchmark results file (expected {{"environment", "rows"}})')
+    return data.get('environment', {}), data['rows']
+
+
+def fit_slope(xs: Sequence[float], ys: Sequence[float]) -> float | None:
+    """Least-squares slope of ``log y`` against ``log x`` (1: linear in x, 2: quadratic); None under 2 points."""
+    pts = [(math.log(x), math.log(y)) for x, y in zip(xs, ys) if x and y and x > 0 and y > 0]
+    if len({p[0] for p in pts}) < 2:
+        return None
+    mx = sum(p[0] for p in pts) / len(pts)
+    my = sum(p[1] for p in pts) / len(pts)
+    sxx = sum((p[0] - mx) ** 2 for p in pts)
+    return sum((p[0] - mx) * (p[1] - my) for p in pts) / sxx
+
+
+def _group_key(row: dict[str, Any]) -> tuple:
+    return (row['mode'], row['dtype'], row.get('cast', 'none'), row['batch'], row['device'],
+            bool(row.get('compile')), bool(row.get('channels_last')))
+
+
+def _group_title(key: tuple) -> str:
+    mode, dtype, cast, batch, device, compiled, cl = key
+    prec = dtype if dtype == 'fp32' else f'{dtype} ({cast})'
+    extra = (', compiled' if compiled else '') + (', channels-last' if cl else '')
+    return f'{"inference" if mode == "infer" else "training step"}, {prec}, batch {batch}, {device}{extra}'
+
+
+def _ok(rows: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
+    return [r for r in rows if r.get('status') == 'ok' and r.get('time_ms')]
+
+
+def plot_scaling(rows: Sequence[dict[str, Any]], out_dir: str | Path, environment: dict[str, Any] | None = None,
+                 ) -> list[Path]:
+    """One PNG per (mode, precision, batch, device): time per image and peak memory against pixels, log-log, with
+    each model's fitted slope in the legend (slope 1 = linear in pixels, 2 = quadratic). Returns the paths."""
+    import matplotlib
+    matplotlib.use('Agg')
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import FuncFormatter
+    groups: dict[tuple, list[dict[str, Any]]] = defaultdict(list)
+    for r in _ok(rows):
+        groups[_group_key(r)].append(r)
+    paths = []
+    for key, group in groups.items():
+        if len({r['pixels'] for r in group}) < 2:
+            continue  # one size: nothing to scale
+        fig, axes = plt.subplots(1, 2, figsize=(12, 4.8))
+        for model in dict.fromkeys(r['model'] for r in group):
+            pts = sorted((r['pixels'], r['time_ms'] / r['batch'], r.get('peak_mib'), r['height'] != r['width'])
+                         for r in group if r['model'] == model)
+            for ax, col in ((axes[0], 1), (axes[1], 2)):
+                valid = [(p[0], p[col], p[3]) for p in pts if p[col]]
+                if not valid:
+                    continue
+                slope = fit_slope([v[0] for v in valid], [v[1] for v in valid])
+                label = model + (f'  (slope {slope:.2f})' if slope is not None else '')
+                line, = ax.plot([v[0] for v in valid], [v[1] for v in valid], marker='o', label=label)
+                odd = [v for v in valid if v[2]]
+                if odd:  # non-square sizes: hollow markers on the same line
+                    ax.plot([v[0] for v in odd], [v[1] for v in odd], linestyle='none', marker='o', markersize=9,
+                            markerfacecolor='white', color=line.get_color())
+        for ax, ylabel in ((axes[0], 'time per image (ms)'), (axes[1], 'peak memory (MiB)')):
+            ax.set_xscale('log')
+            ax.set_yscale('log')
+            _slope_guides(ax)
+            ax.yaxis.set_major_formatter(FuncFormatter(_tick_label))
+            ax.yaxis.set_minor_formatter(FuncFormatter(_tick_label))
+            ax.set_xlabel('pixels (H × W); hollow: non-square')
+            ax.set_ylabel(ylabel)
+            ax.grid(True, which='both', alpha=0.3)
+            ax.legend(fontsize=8)
+        device = (environment or {}).get('device_name', key[4])
+        fig.suptitle(f'{_group_title(key)} — {device}', fontsize=10)
+        fig.tight_layout()
+        mode, dtype, cast, batch, dev, compiled, cl = key
+        name = f'scaling_{mode}_{dtype}{"" if dtype == "fp32" else "_" + cast}_b{batch}_{dev.replace(":", "")}'
+        name += ('_compiled' if compiled else '') + ('_cl' if cl else '') + '.png'
+        path = Path(out_dir) / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        buf = io.BytesIO()
+        fig.savefig(buf, format='png', dpi=110)
+        plt.close(fig)
+        tmp = path.with_name(f'.{path.name}.tmp')
+        tmp.write_bytes(buf.getvalue())
+        os.chmod(tmp, file_mode())
+        os.replace(tmp, path)
+        paths.append(path)
+    return paths
+
+
+def _slope_guides(ax) -> None:
+    """Faint dashed lines of slope 1 and 2 through the lower left of the data, to read the slopes against."""
+    lines = [ln for ln in ax.get_lines() if len(ln.get_xdata()) > 1]
+    if not lines:
+        return
+    x0 = min(min(ln.get_xdata()) for ln in lines)
+    x1 = max(max(ln.get_xdata()) for ln in lines)
+    y0 = min(min(ln.get_ydata()) for ln in lines)
+    top = max(max(ln.get_ydata()) for ln in lines)
+    for power, style in ((1, '--'), (2, ':')):
+        ax.plot([x0, x1], [y0, y0 * (x1 / x0) ** power], color='gray', linestyle=style, linewidth=0.8, alpha=0.6,
+                label=f'slope {power}')
+    ax.set_ylim(bottom=y0 / 1.3, top=top * 1.3)
+
+
+def _tick_label(value: float, _pos) -> str:
+    """Plain numbers on log axes, for the 1-2-5 ticks only (the rest stay unlabelled)."""
+    if value <= 0:
+        return ''
+    lead = value / 10 ** math.floor(math.log10(value) + 1e-9)
+    return f'{value:g}' if round(lead, 6) in (1, 2, 5) else ''
+
+
+def _fmt(value: float | None, spec: str) -> str:
+    return '—' if value is None else format(value, spec)
+
+
+def markdown_tables(rows: Sequence[dict[str, Any]], reference: str = 'l2vit_tiny') -> str:
+    """Markdown tables, one per (mode, precision, batch, device): throughput (images/s), peak memory and the
+    reference model's throughput relative to each other model, per input size. Failed cells say why."""
+    groups: dict[tuple, list[dict[str, Any]]] = defaultdict(list)
+    for r in rows:
+        groups[_group_key(r)].append(r)
+    out = []
+    for key, group in groups.items():
+        models = list(dict.fromkeys(r['model'] for r in group))
+        sizes = sorted({(r['height'], r['width']) for r in group}, key=lambda s: (s[0] * s[1], s))
+        cells = {(r['model'], r['height'], r['width']): r for r in group}
+        out.append(f'**{_group_title(key)}** — images/s (peak MiB); ×: {reference} relative to that model\n')
+        out.append('| size | ' + ' | '.join(models) + ' |')
+        out.append('|---' * (len(models) + 1) + '|')
+        for h, w in sizes:
+            ref = cells.get((reference, h, w))
+            ref_tp = ref.get('img_per_s') if ref and ref.get('status') == 'ok' else None
+            line = [f'{h}×{w}']
+            for m in models:
+                r = cells.get((m, h, w))
+                if r is None:
+                    line.append('')
+                elif r.get('status') != 'ok':
+                    line.append(r.get('status', '?'))
+                else:
+                    text = f'{r["img_per_s"]:.2f} ({_fmt(r.get("peak_mib"), ".0f")})'
+                    if m != reference and ref_tp:
+                        text += f' ×{ref_tp / r["img_per_s"]:.2f}'
+                    line.append(text)
+            out.append('| ' + ' | '.join(line) + ' |')
+        out.append('')
+    return '\n'.join(out)

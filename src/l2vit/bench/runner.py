@@ -1,0 +1,294 @@
+"""Run benchmark configurations: one model, input size, batch, mode and precision each.
+
+On CPU every configuration runs in a fresh Python process (``python -m l2vit.bench.runner CONFIG_JSON``), so its
+peak RSS is its own and a crash, an out-of-memory kill or a hang costs one row, not the sweep. On CUDA they run in
+this process; the allocator's peak statistics are exact per call, and out-of-memory errors are caught.
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import math
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+__all__ = ['BenchConfig', 'run_config', 'run_sweep', 'model_cost', 'DTYPES', 'STATUS_OK']
+
+DTYPES = {'fp32': torch.float32, 'bf16': torch.bfloat16, 'fp16': torch.float16}
+MODES = ('infer', 'train')
+CASTS = ('autocast', 'model', 'none')
+STATUS_OK = 'ok'
+_RESULT_TAG = 'L2VIT_BENCH_RESULT '
+_MIB = 2 ** 20
+
+
+@dataclass(frozen=True)
+class BenchConfig:
+    """One benchmark configuration.
+
+    Attributes:
+        model: timm model name (``import l2vit`` registers ours).
+        height: Input height.
+        width: Input width.
+        batch: Batch size.
+        mode: ``'infer'`` (forward under ``torch.inference_mode``) or ``'train'`` (forward, cross-entropy backward
+            and an AdamW step).
+        dtype: ``'fp32'``, ``'bf16'`` or ``'fp16'``.
+        cast: How a half precision is applied: ``'autocast'`` (fp32 weights, ``torch.autocast``) or ``'model'``
+            (weights and input cast to ``dtype``); ``'none'`` for fp32.
+        device: ``'cpu'``, ``'cuda'``, ``'cuda:1'``, ...
+        threads: CPU threads (``torch.set_num_threads``); None keeps PyTorch's default.
+        compile: Wrap the model in ``torch.compile``.
+        channels_last: Put the model and input in channels-last memory format.
+        warmup: Untimed calls before timing (after the call that measures memory).
+        min_reps: Fewest timed calls.
+        min_time: Fewest seconds of timed calls.
+        max_time: No timed call starts after this many seconds once ``min_reps`` are done.
+        memory: Measure the peak memory of the first call.
+    """
+    model: str
+    height: int
+    width: int
+    batch: int = 1
+    mode: str = 'infer'
+    dtype: str = 'fp32'
+    cast: str = 'none'
+    device: str = 'cpu'
+    threads: int | None = None
+    compile: bool = False
+    channels_last: bool = False
+    warmup: int = 2
+    min_reps: int = 5
+    min_time: float = 2.0
+    max_time: float = 60.0
+    memory: bool = True
+
+    def __post_init__(self):
+        if self.mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, got '{self.mode}'")
+        if self.dtype not in DTYPES:
+            raise ValueError(f"dtype must be one of {tuple(DTYPES)}, got '{self.dtype}'")
+        if self.cast not in CASTS:
+            raise ValueError(f"cast must be one of {CASTS}, got '{self.cast}'")
+        if (self.dtype == 'fp32') != (self.cast == 'none'):
+            raise ValueError(f"cast must be 'none' for fp32 and 'autocast' or 'model' otherwise, got dtype "
+                             f"'{self.dtype}' with cast '{self.cast}'")
+        if min(self.height, self.width, self.batch) < 1:
+            raise ValueError(f'height, width and batch must be positive, got {self.height}, {self.width}, '
+                             f'{self.batch}')
+
+    def label(self) -> str:
+        prec = self.dtype if self.dtype == 'fp32' else f'{self.dtype}-{self.cast}'
+        extra = ''.join([' compiled' if self.compile else '', ' channels-last' if self.channels_last else ''])
+        return f'{self.model} {self.height}x{self.width} b{self.batch} {self.mode} {prec} {self.device}{extra}'
+
+
+class Unsupported(Exception):
+    """The model cannot run this configuration (e.g. a fixed input size); recorded, not raised."""
+
+
+def _is_oom(e: BaseException) -> bool:
+    if isinstance(e, (torch.OutOfMemoryError, MemoryError)):
+        return True
+    text = str(e)
+    return isinstance(e, RuntimeError) and ("can't allocate memory" in text or 'out of memory' in text.lower())
+
+
+def _model_kwargs(name: str, height: int, width: int) -> dict[str, Any]:
+    """``img_size`` for timm models built for one input size (ViT, Swin); nothing for size-agnostic ones."""
+    import timm
+    cfg = timm.get_pretrained_cfg(name, allow_unregistered=True)
+    if cfg is not None and cfg.fixed_input_size:
+        return {'img_size': (height, width)}
+    return {}
+
+
+def create_model(name: str, height: int, width: int, **kwargs) -> torch.nn.Module:
+    """A randomly initialised timm model that accepts ``height × width`` inputs, or :class:`Unsupported`."""
+    import timm
+
+    import l2vit  # noqa: F401 (registers the models)
+    size_kwargs = _model_kwargs(name, height, width)
+    try:
+        return timm.create_model(name, pretrained=False, **size_kwargs, **kwargs)
+    except TypeError as e:
+        if size_kwargs:
+            raise Unsupported(f'fixed input size: {name} does not accept img_size ({e})') from e
+        raise
+
+
+def model_cost(name: str, height: int, width: int) -> tuple[float | None, float | None]:
+    """``(GMACs per image, parameters in millions)`` counted on the meta device; Nones where counting fails."""
+    from .macs import count_macs
+    try:
+        model = create_model(name, height, width, device='meta')
+    except Exception:  # noqa: BLE001 (a model that cannot be built here is reported by its run)
+        return None, None
+    params = sum(p.numel() for p in model.parameters()) / 1e6
+    try:
+        macs = count_macs(model, (3, height, width)).total / 1e9
+    except Exception:  # noqa: BLE001 (some ops have no meta kernel; MACs are then left blank)
+        macs = None
+    return macs, params
+
+
+def _step_fn(cfg: BenchConfig, model: torch.nn.Module, x: torch.Tensor) -> Callable[[], object]:
+    device = torch.device(cfg.device)
+    amp = cfg.dtype != 'fp32' and cfg.cast == 'autocast'
+
+    def autocast():
+        if amp:
+            return torch.autocast(device.type, dtype=DTYPES[cfg.dtype])
+        return contextlib.nullcontext()
+
+    if cfg.mode == 'infer':
+        model.eval()
+
+        def infer():
+            with torch.inference_mode(), autocast():
+                return model(x)
+        return infer
+
+    model.train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    target = torch.randint(0, 1000, (x.shape[0],), device=device)
+
+    def train_step():
+        optimizer.zero_grad(set_to_none=True)
+        with autocast():
+            logits = model(x)
+        loss = torch.nn.functional.cross_entropy(logits.float(), target % logits.shape[-1])
+        loss.backward()
+        optimizer.step()
+        return loss
+    return train_step
+
+
+def run_config(cfg: BenchConfig) -> dict[str, Any]:
+    """Run one configuration in this process and return its result row (status ``'ok'`` or why not)."""
+    from .memory import measure_peak_memory
+    from .timing import time_callable
+    row: dict[str, Any] = {'status': STATUS_OK, 'error': ''}
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    row['threads'] = torch.get_num_threads()
+    device = torch.device(cfg.device)
+    try:
+        torch.manual_seed(0)
+        model = create_model(cfg.model, cfg.height, cfg.width).to(device)
+        x = torch.randn(cfg.batch, 3, cfg.height, cfg.width, device=device)
+        if cfg.channels_last:
+            model = model.to(memory_format=torch.channels_last)
+            x = x.contiguous(memory_format=torch.channels_last)
+        if cfg.dtype != 'fp32' and cfg.cast == 'model':
+            model, x = model.to(DTYPES[cfg.dtype]), x.to(DTYPES[cfg.dtype])
+        if cfg.compile:
+            model = torch.compile(model)
+        fn = _step_fn(cfg, model, x)
+        if cfg.memory:
+            try:
+                mem = measure_peak_memory(fn, device)
+                row.update(peak_mib=mem.peak / _MIB, baseline_mib=mem.baseline / _MIB, mem_method=mem.method)
+            except OSError as e:
+                row['mem_method'] = f'unavailable ({e})'
+        stats = time_callable(fn, device, warmup=cfg.warmup, min_reps=cfg.min_reps, min_time=cfg.min_time,
+                              max_time=cfg.max_time)
+    except Unsupported as e:
+        return {**row, 'status': 'unsupported', 'error': str(e)}
+    except Exception as e:  # noqa: BLE001 (every failure becomes a row; the sweep goes on)
+        if _is_oom(e):
+            if device.type == 'cuda':
+                torch.cuda.empty_cache()
+            return {**row, 'status': 'oom', 'error': f'{type(e).__name__}: {str(e)[:300]}'}
+        return {**row, 'status': 'error', 'error': f'{type(e).__name__}: {str(e)[:300]}'}
+    row.update(
+        time_ms=stats.median * 1e3,
+        time_q25_ms=stats.q25 * 1e3,
+        time_q75_ms=stats.q75 * 1e3,
+        time_min_ms=stats.min * 1e3,
+        time_max_ms=stats.max * 1e3,
+        reps=stats.reps,
+        img_per_s=cfg.batch / stats.median,
+    )
+    return row
+
+
+def _run_isolated(cfg: BenchConfig, timeout: float) -> dict[str, Any]:
+    """Run ``cfg`` in a fresh Python process; a kill (out of memory), crash or timeout becomes a row."""
+    env = dict(os.environ)
+    if cfg.threads:
+        env.update(OMP_NUM_THREADS=str(cfg.threads), MKL_NUM_THREADS=str(cfg.threads))
+    cmd = [sys.executable, '-m', 'l2vit.bench.runner', json.dumps(dataclasses.asdict(cfg))]
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
+    except subprocess.TimeoutExpired:
+        return {'status': 'timeout', 'error': f'no result within {timeout:.0f} s'}
+    for line in reversed(proc.stdout.splitlines()):
+        if line.startswith(_RESULT_TAG):
+            return json.loads(line[len(_RESULT_TAG):])
+    if proc.returncode in (-9, 137):
+        return {'status': 'oom', 'error': 'killed (SIGKILL: out of memory?)'}
+    tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
+    return {'status': 'error', 'error': f'exit code {proc.returncode}: ' + ' | '.join(tail)[-300:]}
+
+
+def run_sweep(
+        configs: Iterable[BenchConfig],
+        isolate: bool | None = None,
+        timeout: float = 900.,
+        on_result: Callable[[dict[str, Any]], None] | None = None,
+) -> list[dict[str, Any]]:
+    """Run ``configs`` one after another and return their rows (config fields, cost, timing, memory, status).
+
+    Args:
+        configs: The configurations.
+        isolate: One fresh process per configuration (default: on CPU, where peak RSS needs it).
+        timeout: Seconds an isolated configuration may take before it is recorded as ``'timeout'``.
+        on_result: Called with each row as soon as it exists (progress output, incremental saving).
+    """
+    rows = []
+    costs: dict[tuple[str, int, int], tuple[float | None, float | None]] = {}
+    for cfg in configs:
+        key = (cfg.model, cfg.height, cfg.width)
+        if key not in costs:
+            costs[key] = model_cost(*key)
+        gmacs, params = costs[key]
+        use_subprocess = isolate if isolate is not None else torch.device(cfg.device).type == 'cpu'
+        start = time.perf_counter()
+        result = _run_isolated(cfg, timeout) if use_subprocess else run_config(cfg)
+        row = {
+            **dataclasses.asdict(cfg),
+            'pixels': cfg.height * cfg.width,
+            'gmacs': gmacs,
+            'params_m': params,
+            **result,
+            'wall_s': time.perf_counter() - start,
+        }
+        if row['status'] == STATUS_OK and gmacs and cfg.mode == 'infer':
+            row['gflops'] = 2 * gmacs * cfg.batch / (row['time_ms'] / 1e3)
+        rows.append(row)
+        if on_result is not None:
+            on_result(row)
+    return rows
+
+
+def _worker_main(argv: list[str]) -> int:
+    cfg = BenchConfig(**json.loads(argv[0]))
+    result = run_config(cfg)
+    for key, value in result.items():  # JSON has no NaN/inf
+        if isinstance(value, float) and not math.isfinite(value):
+            result[key] = None
+    print(_RESULT_TAG + json.dumps(result), flush=True)
+    return 0
+
+
+if __name__ == '__main__':
+    sys.exit(_worker_main(sys.argv[1:]))

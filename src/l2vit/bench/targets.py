@@ -1,0 +1,122 @@
+"""The project's performance targets (issue #4, §3 on CPU and §4 on GPU), checked against one results file.
+
+Every target is a ratio between rows of the same run (same machine, same moment), so it carries over between
+machines better than absolute numbers. A target whose rows are missing from the run is reported as not measured.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+__all__ = ['Target', 'evaluate_targets', 'format_targets']
+
+REF = 'l2vit_tiny'
+SWIN = 'swin_tiny_patch4_window7_224'
+DEIT = 'deit_small_patch16_224'
+
+
+@dataclass
+class Target:
+    """One target: ``value`` compared with ``bound`` (``>=`` unless ``upper``)."""
+    name: str
+    value: float | None
+    bound: float
+    upper: bool = False
+    detail: str = ''
+
+    @property
+    def passed(self) -> bool | None:
+        if self.value is None:
+            return None
+        return self.value <= self.bound if self.upper else self.value >= self.bound
+
+
+def _find(rows, model, size, batch, mode='infer', dtype='fp32', cast=None, device_type='cpu'):
+    for r in rows:
+        if (r.get('status') == 'ok' and r['model'] == model and (r['height'], r['width']) == (size, size)
+                and r['batch'] == batch and r['mode'] == mode and r['dtype'] == dtype
+                and (cast is None or r.get('cast') == cast) and r['device'].split(':')[0] == device_type
+                and not r.get('compile') and not r.get('channels_last')):
+            return r
+    return None
+
+
+def _ratio(a, b, key='img_per_s'):
+    if a is None or b is None or not a.get(key) or not b.get(key):
+        return None
+    return a[key] / b[key]
+
+
+def _cpu_targets(rows, env) -> list[Target]:
+    out = []
+    for batch, bound in ((1, 1.0), (16, 1.15)):
+        out.append(Target(f'fp32 224² batch {batch}: {REF} ÷ Swin-T throughput', _ratio(
+            _find(rows, REF, 224, batch), _find(rows, SWIN, 224, batch)), bound))
+    r16 = _find(rows, REF, 224, 16)
+    gemm = (env.get('gemm_gflops') or {}).get('fp32')
+    eff = r16['gflops'] / gemm if r16 and r16.get('gflops') and gemm else None
+    out.append(Target(f'fp32 224² batch 16: {REF} share of the fp32 GEMM rate', eff, 0.70,
+                      detail=f'{r16["gflops"]:.0f} of {gemm:.0f} GFLOP/s' if eff is not None else ''))
+    best, how = None, ''
+    for cast in ('autocast', 'model'):
+        ratio = _ratio(_find(rows, REF, 224, 16, dtype='bf16', cast=cast), r16)
+        if ratio is not None and (best is None or ratio > best):
+            best, how = ratio, f'bf16 {cast}'
+    out.append(Target(f'bf16 224² batch 16: {REF} ÷ its fp32 throughput', best, 2.5, detail=how))
+    prec = [p for p in env.get('precision', []) if p.get('model') == REF and p.get('dtype') == 'bf16']
+    if prec:
+        p = max(prec, key=lambda p: p['top1_agreement'])
+        out.append(Target(f'bf16 top-1 agreement with fp32 ({p["images"]} photos, {p["weights"]} weights)',
+                          p['top1_agreement'], 0.99,
+                          detail=f'{p["cast"]}; decisive images {p["decisive_images"]}: '
+                                 f'{p["decisive_agreement"]}; max |Δlogit| {p["max_abs_error"]:.3g} '
+                                 f'({100 * p["rel_error"]:.2f}% of max |logit|)'))
+    m512, m1024 = _find(rows, REF, 512, 1), _find(rows, REF, 1024, 1)
+    out.append(Target(f'fp32 batch 1: {REF} peak memory 1024² ÷ 512²', _ratio(m1024, m512, 'peak_mib'), 4.5,
+                      upper=True))
+    out.append(Target(f'fp32 1024² batch 1: {REF} ÷ Swin-T peak memory', _ratio(
+        m1024, _find(rows, SWIN, 1024, 1), 'peak_mib'), 1.0, upper=True))
+    out.append(Target(f'fp32 1024² batch 1: {REF} ÷ DeiT-S throughput', _ratio(m1024, _find(rows, DEIT, 1024, 1)),
+                      2.0))
+    out.append(Target(f'training step 224² batch 16: {REF} ÷ Swin-T', _ratio(
+        _find(rows, REF, 224, 16, mode='train'), _find(rows, SWIN, 224, 16, mode='train')), 1.0))
+    return out
+
+
+def _gpu_targets(rows) -> list[Target]:
+    out = []
+    sizes = sorted({r['height'] for r in rows if r['device'].startswith('cuda') and r['height'] == r['width']})
+    for size in sizes:
+        for batch in sorted({r['batch'] for r in rows if r['height'] == size and r['device'].startswith('cuda')}):
+            a = _find(rows, REF, size, batch, dtype='bf16', device_type='cuda')
+            b = _find(rows, SWIN, size, batch, dtype='bf16', device_type='cuda')
+            if a or b:
+                out.append(Target(f'GPU bf16 {size}² batch {batch}: {REF} ÷ Swin-T', _ratio(a, b), 1.0))
+        if size == 1024:
+            for batch in sorted({r['batch'] for r in rows if r['height'] == 1024 and r['device'].startswith('cuda')}):
+                out.append(Target(f'GPU bf16 1024² batch {batch}: {REF} ÷ DeiT-S', _ratio(
+                    _find(rows, REF, 1024, batch, dtype='bf16', device_type='cuda'),
+                    _find(rows, DEIT, 1024, batch, dtype='bf16', device_type='cuda')), 3.0))
+    return out
+
+
+def evaluate_targets(rows: list[dict[str, Any]], environment: dict[str, Any]) -> list[Target]:
+    """The targets that apply to the devices present in ``rows``."""
+    devices = {r['device'].split(':')[0] for r in rows}
+    out = []
+    if 'cpu' in devices:
+        out += _cpu_targets(rows, environment)
+    if 'cuda' in devices:
+        out += _gpu_targets(rows)
+    return out
+
+
+def format_targets(targets: list[Target]) -> str:
+    """A Markdown table of the targets: value, bound, verdict."""
+    lines = ['| target | measured | bound | verdict |', '|---|---|---|---|']
+    for t in targets:
+        value = '—' if t.value is None else f'{t.value:.3f}'
+        verdict = {True: 'met', False: '**missed**', None: 'not measured'}[t.passed]
+        detail = f' ({t.detail})' if t.detail else ''
+        lines.append(f'| {t.name}{detail} | {value} | {"≤" if t.upper else "≥"} {t.bound:g} | {verdict} |')
+    return '\n'.join(lines)

@@ -1,0 +1,98 @@
+"""Repeated wall-clock timing with warm-up, device synchronisation and robust statistics."""
+from __future__ import annotations
+
+import math
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+
+import torch
+
+__all__ = ['TimingStats', 'time_callable', 'synchronize']
+
+
+def synchronize(device: torch.device | str) -> None:
+    """Wait for queued work on ``device`` (CUDA kernels run asynchronously; the CPU needs nothing)."""
+    device = torch.device(device)
+    if device.type == 'cuda':
+        torch.cuda.synchronize(device)
+
+
+@dataclass
+class TimingStats:
+    """Seconds per call over ``reps`` timed calls.
+
+    Attributes:
+        median: Median (the figure reported).
+        q25: 25th percentile.
+        q75: 75th percentile (``q75 - q25`` is the spread reported).
+        min: Fastest call.
+        max: Slowest call.
+        reps: Number of timed calls.
+        warmup: Number of untimed calls before them.
+    """
+    median: float
+    q25: float
+    q75: float
+    min: float
+    max: float
+    reps: int
+    warmup: int
+
+    @classmethod
+    def from_samples(cls, samples: list[float], warmup: int) -> TimingStats:
+        if not samples:
+            raise ValueError('no timing samples')
+        s = sorted(samples)
+        if len(s) > 1:
+            q25, _, q75 = statistics.quantiles(s, n=4, method='inclusive')
+        else:
+            q25 = q75 = s[0]
+        return cls(statistics.median(s), q25, q75, s[0], s[-1], len(s), warmup)
+
+    def as_dict(self) -> dict[str, float | int]:
+        return asdict(self)
+
+
+def time_callable(
+        fn: Callable[[], object],
+        device: torch.device | str = 'cpu',
+        warmup: int = 2,
+        min_reps: int = 5,
+        min_time: float = 2.0,
+        max_reps: int = 200,
+        max_time: float | None = None,
+) -> TimingStats:
+    """Time ``fn()`` after ``warmup`` untimed calls.
+
+    Timed calls continue until at least ``min_reps`` calls *and* ``min_time`` seconds are done (but no more than
+    ``max_reps`` calls, and no new call starts after ``max_time`` seconds once ``min_reps`` are done, so a slow
+    configuration costs a bounded time). Each call is timed separately, with the device synchronised before the
+    clock starts and before it stops.
+
+    Args:
+        fn: The work to time (its result is discarded).
+        device: Device to synchronise.
+        warmup: Untimed calls first (kernel selection, caches, lazy initialisation).
+        min_reps: Fewest timed calls.
+        min_time: Fewest seconds of timed calls.
+        max_reps: Most timed calls.
+        max_time: Seconds after which no new call starts (once ``min_reps`` are done).
+    """
+    if min_reps < 1:
+        raise ValueError(f'min_reps must be >= 1, got {min_reps}')
+    for _ in range(warmup):
+        fn()
+    synchronize(device)
+    samples: list[float] = []
+    total = 0.0
+    max_time = math.inf if max_time is None else max_time
+    while len(samples) < max_reps and (len(samples) < min_reps or (total < min_time and total < max_time)):
+        synchronize(device)
+        start = time.perf_counter()
+        fn()
+        synchronize(device)
+        samples.append(time.perf_counter() - start)
+        total += samples[-1]
+    return TimingStats.from_samples(samples, warmup)

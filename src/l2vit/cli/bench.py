@@ -1,0 +1,218 @@
+"""``l2vit bench``: time and memory of timm models across input sizes, batch sizes, precisions and devices.
+
+Each configuration (model × size × batch × mode × precision) gets warm-up calls, then timed calls until enough
+calls and seconds are done; the median and the interquartile range are reported, with CUDA synchronised around
+every call. Peak memory is measured on the first call: CUDA's max allocated bytes, or on CPU the peak RSS of a
+fresh process per configuration minus its baseline. MACs come from ``l2vit.bench.count_macs``. A model that cannot
+run a configuration (fixed input size, out of memory, timeout, error) gets a row saying so and the sweep goes on.
+
+Writes OUT/results.json, OUT/results.csv (environment header + rows), OUT/scaling_*.png (log-log time and memory
+against pixels with fitted slopes) and OUT/results.md (tables, and the project's targets where the run covers them).
+
+Examples:
+  l2vit bench --sizes 224 512 1024 --batch-sizes 1
+  l2vit bench --models l2vit_tiny swin_tiny_patch4_window7_224 --sizes 224 --batch-sizes 16 --dtypes fp32 bf16
+  l2vit bench --suite benchmarks/suites/cpu.yaml --out benchmarks/results/cpu
+"""
+from __future__ import annotations
+
+import argparse
+import itertools
+import sys
+from pathlib import Path
+from typing import Any
+
+DEFAULT_MODELS = ('l2vit_tiny', 'swin_tiny_patch4_window7_224', 'convnext_tiny', 'deit_small_patch16_224')
+DEFAULT_SIZES = ('224', '384', '512', '768', '1024')
+_SWEEP_KEYS = ('models', 'sizes', 'batch_sizes', 'modes', 'dtypes', 'casts')
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser('bench', help='benchmark time and memory of models across sizes, batches and precisions',
+                       description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument('--suite', default=None, metavar='YAML',
+                   help='a suite file: its settings replace the defaults, and its "sweeps" list runs one sweep per '
+                        'entry (keys: models, sizes, batch_sizes, modes, dtypes, casts)')
+    p.add_argument('--models', nargs='+', default=None, help=f'timm model names (default: {" ".join(DEFAULT_MODELS)})')
+    p.add_argument('--sizes', nargs='+', default=None, metavar='S|HxW',
+                   help=f'input sizes, square (512) or HxW (512x1024) (default: {" ".join(DEFAULT_SIZES)})')
+    p.add_argument('--batch-sizes', nargs='+', type=int, default=None, help='batch sizes (default: 1)')
+    p.add_argument('--modes', nargs='+', choices=('infer', 'train'), default=None,
+                   help='infer: forward in inference mode; train: forward, backward and an AdamW step '
+                        '(default: infer)')
+    p.add_argument('--dtypes', nargs='+', choices=('fp32', 'bf16', 'fp16'), default=None,
+                   help='precisions (default: fp32)')
+    p.add_argument('--casts', nargs='+', choices=('autocast', 'model'), default=None,
+                   help='how bf16/fp16 is applied: torch.autocast, or the model and input cast (default: autocast)')
+    p.add_argument('--device', default=None, help='cpu, cuda, cuda:1, ... (default: cuda if available, else cpu)')
+    p.add_argument('--threads', type=int, default=None, help='CPU threads per configuration (default: PyTorch\'s)')
+    p.add_argument('--compile', action='store_true', default=None, help='torch.compile every model')
+    p.add_argument('--channels-last', action='store_true', default=None,
+                   help='put every model and input in channels-last memory format')
+    p.add_argument('--warmup', type=int, default=None, help='untimed calls before timing (default: 2)')
+    p.add_argument('--min-reps', type=int, default=None, help='fewest timed calls (default: 5)')
+    p.add_argument('--min-time', type=float, default=None, help='fewest seconds of timed calls (default: 2)')
+    p.add_argument('--max-time', type=float, default=None,
+                   help='no timed call starts after this many seconds once --min-reps are done (default: 60)')
+    p.add_argument('--timeout', type=float, default=None,
+                   help='seconds a CPU configuration may take before it is recorded as a timeout (default: 900)')
+    p.add_argument('--no-memory', dest='memory', action='store_false', default=None,
+                   help='skip the peak-memory measurement')
+    p.add_argument('--no-gemm', dest='gemm', action='store_false', default=None,
+                   help='skip measuring the device\'s matrix-multiply rate (the efficiency yardstick)')
+    p.add_argument('--check-precision', dest='check_precision', nargs='*', default=None, metavar='MODEL',
+                   help='also compare bf16 logits with fp32 on real photos for these models (no names: l2vit_tiny)')
+    p.add_argument('--checkpoint', default=None, help='weights file for --check-precision (default: random weights)')
+    p.add_argument('--no-plot', dest='plot', action='store_false', default=None, help='skip the PNG plots')
+    p.add_argument('--out', default=None, help='output folder (default: bench-results)')
+    p.set_defaults(run=run)
+
+
+def parse_size(text: str | int) -> tuple[int, int]:
+    """``'512'`` → (512, 512); ``'512x1024'`` → (512, 1024) (height × width)."""
+    text = str(text).lower()
+    try:
+        parts = [int(v) for v in text.split('x')]
+    except ValueError:
+        parts = []
+    if len(parts) == 1:
+        parts *= 2
+    if len(parts) != 2 or min(parts) < 1:
+        raise ValueError(f"size must be a positive int (512) or HxW (512x1024), got '{text}'")
+    return parts[0], parts[1]
+
+
+def _load_suite(path: str) -> dict[str, Any]:
+    import yaml
+    suite_path = Path(path)
+    if not suite_path.is_file():
+        raise FileNotFoundError(f'suite file not found: {path}')
+    suite = yaml.safe_load(suite_path.read_text()) or {}
+    if not isinstance(suite, dict):
+        raise ValueError(f'{path}: a suite must be a mapping of settings, got {type(suite).__name__}')
+    known = {'name', 'sweeps', *_SWEEP_KEYS, 'device', 'threads', 'compile', 'channels_last', 'warmup', 'min_reps',
+             'min_time', 'max_time', 'timeout', 'memory', 'gemm', 'check_precision', 'checkpoint', 'plot', 'out'}
+    unknown = set(suite) - known
+    for sweep in suite.get('sweeps', []):
+        unknown |= set(sweep) - set(_SWEEP_KEYS) - {'name'}
+    if unknown:
+        raise ValueError(f'{path}: unknown suite keys {sorted(unknown)}; expected some of {sorted(known)}')
+    return suite
+
+
+def _settings(args: argparse.Namespace) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """Merge defaults < suite < command line; return (settings, sweeps)."""
+    import torch
+    settings: dict[str, Any] = dict(
+        models=list(DEFAULT_MODELS), sizes=list(DEFAULT_SIZES), batch_sizes=[1], modes=['infer'], dtypes=['fp32'],
+        casts=['autocast'], device='cuda' if torch.cuda.is_available() else 'cpu', threads=None, compile=False,
+        channels_last=False, warmup=2, min_reps=5, min_time=2.0, max_time=60.0, timeout=900.0, memory=True,
+        gemm=True, check_precision=None, checkpoint=None, plot=True, out='bench-results')
+    suite = _load_suite(args.suite) if args.suite else {}
+    settings.update({k: v for k, v in suite.items() if k != 'sweeps'})
+    cli = {k: v for k, v in vars(args).items() if k in settings and v is not None}
+    settings.update(cli)
+    if settings['check_precision'] == []:
+        settings['check_precision'] = ['l2vit_tiny']
+    base = {k: settings[k] for k in _SWEEP_KEYS}
+    sweeps = [dict(base, **{k: v for k, v in s.items() if k != 'name'}) for s in suite.get('sweeps', [])]
+    cli_sweep = {k: cli[k] for k in _SWEEP_KEYS if k in cli}
+    if not sweeps:
+        sweeps = [base]
+    elif cli_sweep:  # command-line sweep keys narrow every suite sweep
+        sweeps = [dict(s, **cli_sweep) for s in sweeps]
+    return settings, sweeps
+
+
+def _configs(settings: dict[str, Any], sweeps: list[dict[str, Any]]):
+    from ..bench.runner import BenchConfig
+    seen = set()
+    for sweep in sweeps:
+        sizes = [parse_size(s) for s in sweep['sizes']]
+        for batch, mode, dtype, model, (h, w) in itertools.product(
+                sweep['batch_sizes'], sweep['modes'], sweep['dtypes'], sweep['models'], sizes):
+            for cast in (['none'] if dtype == 'fp32' else sweep['casts']):
+                cfg = BenchConfig(
+                    model=model, height=h, width=w, batch=batch, mode=mode, dtype=dtype, cast=cast,
+                    device=settings['device'], threads=settings['threads'], compile=settings['compile'],
+                    channels_last=settings['channels_last'], warmup=settings['warmup'],
+                    min_reps=settings['min_reps'], min_time=settings['min_time'], max_time=settings['max_time'],
+                    memory=settings['memory'])
+                if cfg not in seen:
+                    seen.add(cfg)
+                    yield cfg
+
+
+def _progress(row: dict[str, Any]) -> None:
+    from ..bench.runner import BenchConfig
+    fields = {k: row[k] for k in BenchConfig.__dataclass_fields__}
+    label = BenchConfig(**fields).label()
+    if row['status'] == 'ok':
+        spread = row['time_q75_ms'] - row['time_q25_ms']
+        mem = f'{row["peak_mib"]:8.0f} MiB' if row.get('peak_mib') is not None else '       — MiB'
+        print(f'{label:<62} {row["time_ms"]:10.1f} ms ±{spread:7.1f} {row["img_per_s"]:9.2f} img/s {mem}',
+              flush=True)
+    else:
+        print(f'{label:<62} {row["status"]}: {row["error"][:100]}', flush=True)
+
+
+def run(args: argparse.Namespace) -> int:
+    import torch
+
+    from ..bench.env import environment
+    from ..bench.gemm import gemm_gflops
+    from ..bench.report import markdown_tables, plot_scaling, write_results, write_text_atomic
+    from ..bench.runner import DTYPES, run_sweep
+    from ..bench.targets import evaluate_targets, format_targets
+    settings, sweeps = _settings(args)
+    configs = list(_configs(settings, sweeps))
+    if not configs:
+        raise ValueError('nothing to run: the sweep has no models, sizes or batch sizes')
+    device = settings['device']
+    if torch.device(device).type == 'cuda' and not torch.cuda.is_available():
+        raise ValueError(f"device '{device}' requested but CUDA is not available")
+    if settings['threads']:
+        torch.set_num_threads(settings['threads'])
+    out = Path(settings['out'])
+    env = environment(device, settings['threads'])
+    env['suite'] = settings.get('name') or (args.suite or 'command line')
+    print(f'l2vit bench: {len(configs)} configurations on {env["device_name"]}, torch {env["torch"]}, '
+          f'{env["threads"]} threads -> {out}', flush=True)
+    if settings['gemm']:
+        dtypes = sorted({c.dtype for c in configs} | {'fp32'}, key=list(DTYPES).index)
+        env['gemm_gflops'] = {d: round(gemm_gflops(DTYPES[d], device), 1) for d in dtypes}
+        print('GEMM rate (2048², GFLOP/s): ' + ', '.join(f'{k} {v:.0f}' for k, v in env['gemm_gflops'].items()))
+    if settings['check_precision']:
+        from ..bench.precision import precision_check
+        env['precision'] = []
+        for model in settings['check_precision']:
+            for cast in ('autocast', 'model'):
+                rep = precision_check(model, 'bf16', cast, checkpoint=settings['checkpoint'], device=device)
+                env['precision'].append(rep.as_dict())
+                print(f'precision {model} bf16 {cast}: top-1 agreement {rep.top1_agreement:.3f} on {rep.images} '
+                      f'photos ({rep.weights} weights; {rep.decisive_images} decisive: {rep.decisive_agreement}), '
+                      f'max |Δlogit| {rep.max_abs_error:.3g}', flush=True)
+    rows: list[dict[str, Any]] = []
+
+    def on_result(row):
+        rows.append(row)
+        _progress(row)
+        write_results(out, env, rows)  # after every row: an interrupted sweep keeps what it measured
+
+    run_sweep(configs, timeout=settings['timeout'], on_result=on_result)
+    plots = plot_scaling(rows, out, env) if settings['plot'] else []
+    targets = evaluate_targets(rows, env)
+    if all(t.value is None for t in targets):
+        targets = []  # the run covers none of them
+    md = [f'# Benchmark: {env["suite"]}\n', f'{env["device_name"]}; torch {env["torch"]}, timm {env["timm"]}, '
+          f'l2vit {env["l2vit"]}; {env["threads"]} threads; {env["date"]}\n', markdown_tables(rows)]
+    if targets:
+        md += ['## Targets\n', format_targets(targets), '']
+    write_text_atomic(out / 'results.md', '\n'.join(md))
+    print(f'wrote {out / "results.csv"}, results.json, results.md' + (f' and {len(plots)} plot(s)' if plots else ''))
+    if targets:
+        print(format_targets(targets))
+    failed = [r for r in rows if r['status'] not in ('ok', 'unsupported', 'oom', 'timeout')]
+    if failed:
+        print(f'{len(failed)} configuration(s) failed with errors; see results.csv', file=sys.stderr)
+    return 0

@@ -1,0 +1,47 @@
+"""timm's MLP (``fc1 → act → fc2``) with an inference route that runs in place and over cache-sized chunks."""
+from __future__ import annotations
+
+import torch
+from timm.layers import Mlp as _TimmMlp
+from torch import nn
+
+from ._fastpath import activation, chunk_rows
+
+__all__ = ['Mlp', 'mlp_residual_chunked']
+
+
+class Mlp(_TimmMlp):
+    """:class:`timm.layers.Mlp` (same arguments, submodules and state dict) whose activation overwrites the
+    ``fc1`` output when nothing needs it (see :mod:`l2vit.layers._inplace`): one hidden-sized tensor less per block,
+    which is the largest tensor of the block at high resolution."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.fc1(x)
+        x = self.act(x) if torch.jit.is_scripting() else self._act_in_place(x)
+        x = self.drop1(x)
+        x = self.norm(x)
+        x = self.fc2(x)
+        return self.drop2(x)
+
+    @torch.jit.unused
+    def _act_in_place(self, x):  # unannotated: TorchScript takes Tensor -> Tensor
+        return activation(self.act, x, self.fc1)
+
+
+def mlp_residual_chunked(x: torch.Tensor, norm: nn.Module, mlp: Mlp) -> torch.Tensor | None:
+    """``x + mlp(norm(x))`` for inference, computed over chunks of tokens; None when ``x`` is too small to split.
+
+    The hidden activation (4× the width) then only ever exists one cache-sized chunk at a time: no page faults for a
+    huge fresh tensor, no round trip of it through main memory, and a peak far below the plain form's. Each token is
+    computed exactly as in the plain form (row-wise ops only), so the values are the same.
+    """
+    C = x.shape[-1]
+    flat = x.reshape(-1, C)
+    rows = chunk_rows(mlp.fc1.out_features, flat.shape[0], device=x.device)
+    if not rows:
+        return None
+    out = torch.empty_like(flat, memory_format=torch.contiguous_format)
+    for start in range(0, flat.shape[0], rows):
+        chunk = flat[start:start + rows]
+        torch.add(chunk, mlp(norm(chunk)), out=out[start:start + rows])
+    return out.view(x.shape)

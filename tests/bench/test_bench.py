@@ -1,0 +1,172 @@
+"""The benchmark tooling: timing statistics, peak memory, the runner, results files, plots and targets."""
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from l2vit.bench.memory import measure_peak_memory, rss_peak_supported
+from l2vit.bench.report import fit_slope, markdown_tables, plot_scaling, read_results, write_results
+from l2vit.bench.runner import BenchConfig, run_config, run_sweep
+from l2vit.bench.targets import evaluate_targets, format_targets
+from l2vit.bench.timing import TimingStats, time_callable
+from l2vit.cli import build_parser, main
+from l2vit.cli.bench import _configs, _settings, parse_size
+
+
+def test_time_callable_counts_and_orders():
+    calls = []
+    stats = time_callable(lambda: calls.append(1), warmup=3, min_reps=4, min_time=0.0)
+    assert len(calls) == 7 and stats.reps == 4 and stats.warmup == 3
+    assert stats.min <= stats.q25 <= stats.median <= stats.q75 <= stats.max
+    bounded = time_callable(lambda: None, warmup=0, min_reps=2, min_time=60.0, max_reps=11)
+    assert bounded.reps == 11  # min_time not reached, max_reps stops it
+    s = TimingStats.from_samples([4.0, 1.0, 3.0, 2.0], warmup=0)
+    assert (s.median, s.min, s.max) == (2.5, 1.0, 4.0)
+    with pytest.raises(ValueError, match='min_reps'):
+        time_callable(lambda: None, min_reps=0)
+
+
+_PEAK_SCRIPT = """
+import torch
+from l2vit.bench.memory import measure_peak_memory
+def work():
+    t = torch.ones(64 * 2 ** 20 // 4)  # 64 MiB, touched, then freed
+    return float(t[0])
+print(measure_peak_memory(work).peak, measure_peak_memory(lambda: None).peak)
+"""
+
+
+@pytest.mark.skipif(not rss_peak_supported(), reason='needs Linux /proc/self/clear_refs to reset the RSS peak')
+def test_cpu_peak_memory_sees_a_transient_allocation():
+    # a fresh process, as the benchmark uses: in a long-lived one freed memory stays resident and hides new peaks
+    out = subprocess.run([sys.executable, '-c', _PEAK_SCRIPT], capture_output=True, text=True, check=True).stdout
+    peak, idle = (int(v) for v in out.split())
+    assert 60 * 2 ** 20 <= peak <= 200 * 2 ** 20
+    assert idle < 16 * 2 ** 20
+    assert measure_peak_memory(lambda: None).method == 'rss_hwm'
+
+
+def test_config_validation():
+    with pytest.raises(ValueError, match='mode must be one of'):
+        BenchConfig('m', 224, 224, mode='eval')
+    with pytest.raises(ValueError, match="cast must be 'none' for fp32"):
+        BenchConfig('m', 224, 224, dtype='bf16')
+    assert BenchConfig('m', 224, 320, dtype='bf16', cast='model', batch=4).label() == 'm 224x320 b4 infer bf16-model cpu'
+    assert parse_size('512') == (512, 512) and parse_size('320x480') == (320, 480)
+    with pytest.raises(ValueError, match='HxW'):
+        parse_size('big')
+
+
+def test_run_config_in_process_rows():
+    fast = dict(warmup=0, min_reps=2, min_time=0.0, threads=1)
+    row = run_config(BenchConfig('test_l2vit', 64, 96, batch=2, **fast))
+    assert row['status'] == 'ok' and row['reps'] == 2 and row['img_per_s'] > 0
+    assert row['time_q25_ms'] <= row['time_ms'] <= row['time_q75_ms']
+    train = run_config(BenchConfig('test_l2vit', 64, 64, mode='train', dtype='bf16', cast='autocast', **fast))
+    assert train['status'] == 'ok'
+    bad = run_config(BenchConfig('no_such_model_anywhere', 64, 64, **fast))
+    assert bad['status'] == 'error' and 'no_such_model_anywhere' in bad['error']
+
+
+def test_sweep_in_a_fresh_process_with_costs():
+    """One isolated configuration: the worker process, its JSON result line, MACs from the counter."""
+    rows = run_sweep([BenchConfig('test_l2vit', 64, 64, warmup=0, min_reps=1, min_time=0.0, threads=1)],
+                     isolate=True, timeout=120)
+    (row,) = rows
+    assert row['status'] == 'ok', row['error']
+    assert row['gmacs'] == pytest.approx(0.0150, rel=0.05) and row['params_m'] == pytest.approx(0.735, rel=0.01)
+    assert row['gflops'] == pytest.approx(2 * row['gmacs'] / (row['time_ms'] / 1e3))
+    if rss_peak_supported():
+        assert row['mem_method'] == 'rss_hwm' and row['peak_mib'] > 0
+
+
+def _rows():
+    rows = []
+    for model, k, p in (('a', 1e-6, 1.0), ('b', 1e-10, 2.0)):  # time ∝ pixels^p
+        for s in (224, 448, 896):
+            px = s * s
+            rows.append(dict(model=model, height=s, width=s, pixels=px, batch=1, mode='infer', dtype='fp32',
+                             cast='none', device='cpu', status='ok', time_ms=k * px ** p * 1e3, img_per_s=1 / (k * px ** p),
+                             time_q25_ms=1, time_q75_ms=2, peak_mib=px / 1e4, error=''))
+    rows.append(dict(rows[0], model='c', status='oom', time_ms=None, img_per_s=None, error='killed'))
+    return rows
+
+
+def test_results_files_round_trip_and_plots(tmp_path):
+    rows = _rows()
+    write_results(tmp_path, {'device': 'cpu', 'threads': 2, 'nan': float('nan')}, rows)
+    env, back = read_results(tmp_path)
+    assert env['threads'] == 2 and env['nan'] is None and len(back) == len(rows)
+    csv_text = (tmp_path / 'results.csv').read_text()
+    assert csv_text.startswith('# device: cpu\n# threads: 2\n') and 'model,height,width' in csv_text
+    assert not list(tmp_path.glob('.*.tmp'))
+    (tmp_path / 'bad.json').write_text(json.dumps([1, 2]))
+    with pytest.raises(ValueError, match='not an l2vit benchmark results file'):
+        read_results(tmp_path / 'bad.json')
+    (png,) = plot_scaling(rows, tmp_path)
+    assert png.read_bytes()[:4] == b'\x89PNG'
+    table = markdown_tables(rows, reference='a')
+    assert '| 224×224 |' in table and 'oom' in table and '×' in table
+
+
+def test_fit_slope():
+    xs = [1e4, 1e5, 1e6]
+    assert fit_slope(xs, [3 * x for x in xs]) == pytest.approx(1.0)
+    assert fit_slope(xs, [x ** 2 for x in xs]) == pytest.approx(2.0)
+    assert fit_slope([5.0], [1.0]) is None
+
+
+def test_targets_from_rows():
+    def row(model, size, batch, tp, mode='infer', dtype='fp32', cast='none', peak=None, gflops=None):
+        return dict(model=model, height=size, width=size, batch=batch, mode=mode, dtype=dtype, cast=cast,
+                    device='cpu', status='ok', img_per_s=tp, peak_mib=peak, gflops=gflops)
+    rows = [row('l2vit_tiny', 224, 1, 20), row('swin_tiny_patch4_window7_224', 224, 1, 18),
+            row('l2vit_tiny', 224, 16, 30, gflops=150), row('swin_tiny_patch4_window7_224', 224, 16, 28),
+            row('l2vit_tiny', 224, 16, 80, dtype='bf16', cast='model'),
+            row('l2vit_tiny', 512, 1, 5, peak=100), row('l2vit_tiny', 1024, 1, 1.2, peak=420),
+            row('swin_tiny_patch4_window7_224', 1024, 1, 1.0, peak=400), row('deit_small_patch16_224', 1024, 1, 0.5)]
+    targets = evaluate_targets(rows, {'gemm_gflops': {'fp32': 200.0}})
+    assert [t.passed for t in targets] == [True, False, True, True, True, False, True, None]
+    text = format_targets(targets)
+    assert '**missed**' in text and 'not measured' in text and '150 of 200 GFLOP/s' in text
+
+
+def test_cli_settings_suite_and_dedup(tmp_path):
+    suite = tmp_path / 'suite.yaml'
+    suite.write_text('name: demo\nthreads: 2\nsweeps:\n  - models: [a, b]\n    sizes: [224, 320x480]\n'
+                     '  - models: [a]\n    sizes: [224]\n    dtypes: [fp32, bf16]\n    casts: [autocast, model]\n')
+    args = build_parser().parse_args(['bench', '--suite', str(suite), '--min-reps', '3'])
+    settings, sweeps = _settings(args)
+    assert settings['threads'] == 2 and settings['min_reps'] == 3 and len(sweeps) == 2
+    configs = list(_configs(settings, sweeps))
+    labels = [c.label() for c in configs]
+    assert len(labels) == len(set(labels)) == 6  # a/b × 2 sizes, + a bf16 ×2 casts (a 224 fp32 only once)
+    assert all(c.min_reps == 3 and c.threads == 2 for c in configs)
+    suite.write_text('sweeps:\n  - model: [a]\n')
+    with pytest.raises(ValueError, match="unknown suite keys \\['model'\\]"):
+        _settings(build_parser().parse_args(['bench', '--suite', str(suite)]))
+
+
+def test_cli_reports_bad_input(capsys):
+    assert main(['bench', '--sizes', 'huge', '--no-gemm']) == 2
+    assert 'HxW' in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_cli_end_to_end(tmp_path):
+    out = tmp_path / 'run'
+    code = main(['bench', '--models', 'test_l2vit', '--sizes', '64', '96', '64x96', '--batch-sizes', '2',
+                 '--min-reps', '1', '--min-time', '0', '--warmup', '0', '--threads', '1', '--no-gemm',
+                 '--out', str(out)])
+    assert code == 0
+    env, rows = read_results(out)
+    assert env['threads'] == 1 and env['torch'] == torch.__version__
+    assert [r['status'] for r in rows] == ['ok'] * 3
+    assert (out / 'results.md').read_text().startswith('# Benchmark')
+    assert len(list(out.glob('scaling_*.png'))) == 1
+    assert all(math.isfinite(r['time_ms']) for r in rows)

@@ -1,0 +1,193 @@
+"""The inference fast paths (in-place activations, folded norms, chunked mixers and MLPs) against the plain forward.
+
+Every fast path must give the plain form's values; chunk sizes are shrunk here so that even small maps are split
+into many chunks, padded window rows and multi-image batches included. The plain form is forced with a global
+forward hook (the fast paths stand aside whenever a hook could observe a tensor).
+"""
+from __future__ import annotations
+
+import contextlib
+
+import pytest
+import timm
+import torch
+from torch.nn.modules.module import register_module_forward_hook
+
+from l2vit.layers import (
+    ConvStem,
+    LinearGlobalAttention,
+    LocalConcentration,
+    LocalWindowAttention,
+    _fastpath,
+    fast_paths,
+)
+from l2vit.layers.mlp import Mlp
+from tests.helpers import OFFICIAL_CASES, assert_within
+from tests.models.test_official_parity import _build, _load_case
+
+GRIDS = [(14, 14), (12, 20), (7, 9), (23, 16)]
+
+
+@contextlib.contextmanager
+def plain_forward():
+    """Run every module through its plain forward (a global hook makes every fast path stand aside)."""
+    handle = register_module_forward_hook(lambda module, args, output: None)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
+@pytest.fixture
+def tiny_chunks(monkeypatch):
+    """Chunks of a few tokens, and no size below which maps are left whole."""
+    monkeypatch.setattr(_fastpath, 'CHUNK_BYTES', 4 * 96 * 20)
+    monkeypatch.setattr(_fastpath, 'SPLIT_BYTES', 0)
+    monkeypatch.setattr(_fastpath, 'MIN_CHUNK_ROWS', 8)
+
+
+def _both(module, *args):
+    with torch.inference_mode():
+        fast = module(*args)
+        with plain_forward():
+            plain = module(*args)
+    return fast, plain
+
+
+@pytest.mark.parametrize('grid', GRIDS, ids=lambda g: f'{g[0]}x{g[1]}')
+@pytest.mark.parametrize('mask_padding', [False, True], ids=['official', 'masked'])
+def test_chunked_window_attention_matches_plain(tiny_chunks, grid, mask_padding):
+    mixer = LocalWindowAttention(32, 2, window_size=7, mask_padding=mask_padding).double().eval()
+    x = torch.randn(3, *grid, 32, dtype=torch.float64)
+    with torch.no_grad():
+        assert mixer.chunked_residual(x, None) is not None  # the chunked route really runs
+    fast, plain = _both(mixer, x)
+    torch.testing.assert_close(fast, plain, rtol=0, atol=1e-12)
+    norm = torch.nn.LayerNorm(32).double()
+    with torch.inference_mode():
+        torch.testing.assert_close(mixer.chunked_residual(x, norm), x + plain_of(mixer, norm(x)), rtol=0, atol=1e-12)
+
+
+def plain_of(module, x):
+    with plain_forward():
+        return module(x)
+
+
+@pytest.mark.parametrize('grid', GRIDS, ids=lambda g: f'{g[0]}x{g[1]}')
+@pytest.mark.parametrize('scale', [0.05, 20.0], ids=['clamp-active', 'clamp-inactive'])
+def test_chunked_linear_attention_matches_plain(tiny_chunks, grid, scale):
+    mixer = LinearGlobalAttention(32, 2).double().eval()
+    with torch.no_grad():
+        mixer.qkv.weight.mul_(scale * 50)
+        mixer.temperature.uniform_(0.05, 0.5)
+    x = torch.randn(3, *grid, 32, dtype=torch.float64)
+    with torch.no_grad():
+        assert mixer.chunked_residual(x, None) is not None
+    fast, plain = _both(mixer, x)
+    torch.testing.assert_close(fast, plain, rtol=1e-10, atol=1e-12)
+    norm = torch.nn.LayerNorm(32).double()
+    with torch.inference_mode():
+        torch.testing.assert_close(mixer.chunked_residual(x, norm), x + plain_of(mixer, norm(x)))
+
+
+def test_chunked_mlp_and_small_maps(tiny_chunks, monkeypatch):
+    from l2vit.layers.mlp import mlp_residual_chunked
+    mlp, norm = Mlp(32, 128).double().eval(), torch.nn.LayerNorm(32).double()
+    x = torch.randn(2, 9, 11, 32, dtype=torch.float64)
+    with torch.inference_mode():
+        torch.testing.assert_close(mlp_residual_chunked(x, norm, mlp), x + mlp(norm(x)), rtol=0, atol=1e-12)
+    monkeypatch.setattr(_fastpath, 'SPLIT_BYTES', 2 ** 30)  # too small to split: the callers run the plain form
+    assert mlp_residual_chunked(x, norm, mlp) is None
+    assert LinearGlobalAttention(32, 2).chunked_residual(x.float(), None) is None
+
+
+def test_in_place_activation_respects_hooks_and_autograd():
+    mlp = Mlp(16, 64).eval()
+    seen = []
+    mlp.fc1.register_forward_hook(lambda m, a, out: seen.append(out))
+    x = torch.randn(5, 16)
+    with torch.inference_mode():
+        mlp(x)
+        torch.testing.assert_close(seen[0], mlp.fc1(x))  # the hook's tensor was not overwritten by the GELU
+    # with autograd the activation runs out of place, and gradients flow
+    y = Mlp(16, 64)(x.requires_grad_())
+    y.sum().backward()
+    assert x.grad is not None and torch.isfinite(x.grad).all()
+
+
+def test_folded_stem_and_in_place_lcm_match_plain():
+    stem, lcm = ConvStem(3, 16).double(), LocalConcentration(16).double()
+    for bn in (stem.bn1, stem.bn2, lcm.bn):
+        with torch.no_grad():
+            bn.running_mean.uniform_(-1, 1)
+            bn.running_var.uniform_(0.5, 2)
+            bn.weight.uniform_(0.5, 1.5)
+            bn.bias.uniform_(-1, 1)
+    stem.eval(), lcm.eval()
+    x = torch.randn(2, 3, 37, 50, dtype=torch.float64)
+    fast, plain = _both(stem, x)
+    torch.testing.assert_close(fast, plain)
+    t = torch.randn(2, 9, 10, 16, dtype=torch.float64)
+    fast, plain = _both(lcm, t)
+    torch.testing.assert_close(fast, plain)
+    stem.train()  # batch statistics: no folding
+    with torch.no_grad():
+        torch.testing.assert_close(stem(x), plain_of(stem, x))
+
+
+def test_probe_hooks_see_full_queries_and_keys(tiny_chunks):
+    """Analysis hooks on q_probe / k_probe make the mixer take the plain route: they see all N tokens."""
+    model = timm.create_model('test_l2vit').eval()
+    seen = {}
+    attn = model.stages[0].blocks[1].attn
+    attn.q_probe.register_forward_hook(lambda m, a, o: seen.update(q=o.shape))
+    with torch.inference_mode():
+        model(torch.randn(2, 3, 64, 96))
+    assert seen['q'] == (2, 1, 16 * 24, 16)
+
+
+@pytest.mark.parametrize('size', [(64, 96), (97, 75)])
+def test_whole_model_fast_path_matches_plain(tiny_chunks, size):
+    model = timm.create_model('test_l2vit', num_classes=7).double().eval()
+    x = torch.randn(2, 3, *size, dtype=torch.float64)
+    fast, plain = _both(model, x)
+    torch.testing.assert_close(fast, plain, rtol=1e-9, atol=1e-11)
+    with torch.inference_mode():
+        feats = model.forward_intermediates(x, intermediates_only=True)
+        with plain_forward():
+            ref = model.forward_intermediates(x, intermediates_only=True)
+    for a, b in zip(feats, ref):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-11)
+
+
+@pytest.mark.parametrize('case', OFFICIAL_CASES)
+def test_fast_paths_keep_official_parity(tiny_chunks, case):
+    """The official fixtures at their tolerance, with every fast path forced into many small chunks."""
+    meta, tensors, state_dict = _load_case(case)
+    model = _build(meta, state_dict)
+    with torch.inference_mode():
+        final, stages = model.forward_intermediates(tensors['input'])
+        logits = model.forward_head(final)
+    assert_within(logits, tensors['logits'], name='logits')
+    for i, stage in enumerate(stages):
+        assert_within(stage.flatten(2).transpose(1, 2), tensors[f'stage{i}'], name=f'stage{i}')
+
+
+def test_chunking_is_for_the_cpu_only():
+    assert _fastpath.chunk_rows(384, 10 ** 6) > 0
+    assert _fastpath.chunk_rows(384, 10 ** 6, device='cpu') > 0
+    assert _fastpath.chunk_rows(384, 10 ** 6, device='cuda') == 0
+    assert _fastpath.chunk_rows(384, 100) == 0  # too small to split
+
+
+def test_fast_paths_switch():
+    model = timm.create_model('test_l2vit').eval()
+    x = torch.randn(2, 3, 64, 96)
+    assert _fastpath.fast_paths_enabled()
+    with fast_paths(False):
+        assert not _fastpath.unobserved(model)
+        with torch.inference_mode():
+            plain = model(x)
+    assert _fastpath.fast_paths_enabled() and _fastpath.unobserved(model)
+    with torch.inference_mode():
+        torch.testing.assert_close(model(x), plain)
