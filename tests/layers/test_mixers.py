@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from l2vit.layers import (
+    TEMPERATURE_PLACEMENTS,
     LinearGlobalAttention,
     LocalWindowAttention,
     create_mixer,
@@ -147,6 +148,38 @@ def test_linear_attention_temperature_scales_output_only():
     q, k, v = (torch.rand(1, 4, 30, 8) for _ in range(3))
     t = torch.tensor([1., 2., 3., 4.]).view(4, 1, 1)
     torch.testing.assert_close(linear_attention(q, k, v, t), t * linear_attention(q, k, v, torch.tensor(1.0)))
+
+
+@pytest.mark.parametrize('scale', [0.05, 20.0], ids=['clamp-active', 'clamp-inactive'])
+def test_linear_attention_temperature_placements(scale):
+    """'key' puts τ on φ(k): it cancels unless the clamp is active; 'fixed' is the output form with a frozen τ."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 6, 7, 32, dtype=torch.float64)
+    mixers = {p: LinearGlobalAttention(32, 2, temperature=p).double() for p in TEMPERATURE_PLACEMENTS}
+    state = mixers['output'].state_dict()
+    with torch.no_grad():
+        state['qkv.weight'].mul_(scale * 50)
+        state['temperature'].copy_(torch.tensor([0.3, 3.0]).view(2, 1, 1))
+    for m in mixers.values():
+        m.load_state_dict(state)  # same keys whatever the placement
+    assert [n for n, _ in mixers['fixed'].named_parameters()] == ['qkv.weight', 'qkv.bias', 'proj.weight', 'proj.bias']
+    assert 'temperature' in mixers['fixed'].state_dict() and 'temperature' in dict(mixers['key'].named_parameters())
+    torch.testing.assert_close(mixers['fixed'](x), mixers['output'](x))
+    q, k, v = _heads(mixers['key'], x.reshape(2, -1, 32))
+    tau = state['temperature']
+    ref = linear_attention_naive(q.relu(), tau * k.relu(), v, torch.tensor(1.0, dtype=x.dtype), 100.)
+    ref = mixers['key'].proj(ref.transpose(1, 2).reshape(2, -1, 32)).reshape(x.shape)
+    out = mixers['key'](x)
+    torch.testing.assert_close(out, ref)
+    with torch.no_grad():
+        plain = mixers['key'].proj(linear_attention_naive(q.relu(), k.relu(), v, torch.tensor(1.0, dtype=x.dtype), 100.)
+                                   .transpose(1, 2).reshape(2, -1, 32)).reshape(x.shape)
+    # without the clamp τ on the keys cancels out; with it the output changes
+    assert torch.allclose(out, plain) == (scale > 1)
+    out.sum().backward()
+    assert mixers['key'].temperature.grad is not None
+    with pytest.raises(ValueError, match='temperature must be one of'):
+        LinearGlobalAttention(32, 2, temperature='query')
 
 
 def test_linear_attention_probes_see_feature_mapped_qk():

@@ -8,6 +8,9 @@
   those the mixer exposed at its ``q_probe`` / ``k_probe`` hooks during capture, else ReLU of the recomputed q, k.
   ``τ · A V`` through ``proj`` is the mixer's output; the per-head temperature τ does not change a row's shape.
 * Global softmax (``'softmax'``): ``softmax(q kᵀ · scale)`` over all tokens.
+* Any other mixer (``'flatten'``, ``'inline'``, ``'masa'``, ...): its own ``attention_weights(tokens, queries)``,
+  the rows of the token mixing it applies to its values (computed in eval mode). Some are signed or do not sum to
+  one (see :data:`ROW_SEMANTICS`); the metrics read every row as ``|w| / Σ|w|``.
 
 Global maps are only ever formed for a chunk of queries at a time (:func:`iter_attention_rows`) or for chosen query
 tokens (:func:`attention_maps`); nothing here materialises all ``N × N`` weights of a large image.
@@ -21,12 +24,52 @@ import torch
 from torch import nn
 
 from ..layers.padding import pad_nhwc_to_multiple
-from .capture import AttentionInput
+from .capture import SUPPORTED_MIXERS, AttentionInput, eval_mode
 
 __all__ = [
     'RowChunk', 'project_qkv', 'linear_attention_rows', 'softmax_attention_rows', 'global_attention_rows',
-    'window_attention_weights', 'iter_attention_rows', 'attention_maps', 'token_centers', 'pairwise_distances',
+    'mixer_attention_rows', 'window_attention_weights', 'iter_attention_rows', 'attention_maps', 'token_centers',
+    'pairwise_distances', 'ROW_SEMANTICS', 'ROW_METRICS_RULE', 'row_semantics',
 ]
+
+# What a row of each mixer's weights is; reported per block in the analysis JSON. Excluded branches are those whose
+# mixing is not one row over tokens per head (per-channel convolutions, output gates, normalisations).
+ROW_SEMANTICS: dict[str, str] = {
+    'window': 'softmax inside the window: non-negative, sums to 1',
+    'softmax': 'softmax over all tokens: non-negative, sums to 1',
+    'linear': 'qk-first A = φ(q)φ(k)ᵀ / max(Σ, clamp_min) without the output temperature (with '
+              "temperature='key' the keys carry τ): non-negative, sums to 1, less where the clamp acts",
+    'castling': '½·[n = m] + (1/π)·cos(q_n, k_m): signed, does not sum to 1; the L2 normalisation of u and the '
+                'depth-wise conv on V are not included',
+    'castling_sparse': '½·[n = m] + (1/π)·cos(q_n, k_m) + thresholded softmax: signed, does not sum to 1; the L2 '
+                       'normalisation of u and the depth-wise conv on V are not included',
+    'fcvit': 'uniform 1/N: the global context pools all tokens through their mean (the per-query z-score scales '
+             'the pooled context after its MLP); the depth-wise convs are not included',
+    'flatten': 'focused linear attention φ(q)φ(k)ᵀ / (N·(φ(q)·k̄ + eps)): non-negative, sums to 1 up to eps; the '
+               'depth-wise conv on V is not included',
+    'inline': 'injective weights (s·q·k − s·q·k̄ + 1) / N: signed, sums to 1; the dynamic 3x3 residual is not '
+              'included',
+    'rala': 'R(φ(q))·R(k′) / (N·(φ(q)·k̄′ + eps)): signed (RoPE), need not sum to 1; LePE and the output gate are '
+            'not included',
+    'rala_softmax': 'softmax of RoPE-rotated q·k: non-negative, sums to 1; LePE and the output gate are not included',
+    'masa': 'softmax with the Manhattan decay bias: non-negative, sums to 1; LePE is not included',
+    'masa_decomposed': 'column softmax × row softmax of the two 1-D passes: non-negative, sums to 1; LePE is not '
+                       'included',
+    'vicinity': 'vicinity-weighted ReLU linear attention, divided by Σ + eps: non-negative, sums to 1 up to eps '
+                '(exact while the official magnitude clamps are inactive)',
+    'vig_gla': 'half the forward plus half the backward decayed scan, s·q·k·γ^Δ: signed, no normaliser; the '
+               'per-row RMSNorm, gate and local path are not included',
+    'vitality': 's·(q·k̂ + thresholded softmax of quantised q, k): signed, does not sum to 1',
+}
+# How the metrics read any row (stated once in the report settings).
+ROW_METRICS_RULE = ('metrics use p = |w| / Σ|w| per row (for non-negative rows the plain renormalisation); '
+                    'row_mass is the signed Σ w before it, negative_mass the share of Σ|w| on negative weights; '
+                    'rows with Σ|w| = 0 are empty and skipped')
+
+
+def row_semantics(kind: str) -> str:
+    """What a row of mixer ``kind``'s attention weights is (sign, sum, branches left out)."""
+    return ROW_SEMANTICS.get(kind, 'rows of the mixer\'s attention_weights (sign and sum not documented here)')
 
 
 @dataclass
@@ -34,12 +77,13 @@ class RowChunk:
     """A chunk of attention rows with what the metrics need to read them.
 
     Attributes:
-        rows: Weights ``(G, heads, Q, K)`` as the model defines them (linear attention: the clamped ``A``).
-            ``G`` is the batch for global attention and ``batch × windows`` for window attention.
+        rows: Weights ``(G, heads, Q, K)`` as the model defines them (linear attention: the clamped ``A``; other
+            mixers: their ``attention_weights``, possibly signed). ``G`` is the batch for global attention and
+            ``batch × windows`` for window attention.
         query_valid: ``(G, Q)``, True for queries that are real tokens (not window padding).
         key_allowed: ``(G or 1, K)``, True for keys a query may attend to (False: masked padding).
         distances_px: ``(Q, K)`` query-key distances in input pixels.
-        clamped: ``(G, heads, Q)``, True where a linear-attention normaliser was clamped; None for softmax.
+        clamped: ``(G, heads, Q)``, True where a linear-attention normaliser was clamped; None for other mixers.
     """
     rows: torch.Tensor
     query_valid: torch.Tensor
@@ -109,13 +153,30 @@ def softmax_attention_rows(
 
 def _queries_keys(record: AttentionInput) -> tuple[torch.Tensor, torch.Tensor]:
     """What a global block's rows are made of: φ(q), φ(k) for linear attention (the probes' values when captured,
-    else ReLU of the recomputed q, k), plain q, k for softmax."""
+    else ReLU of the recomputed q, k, the keys times τ where the mixer puts τ on them), plain q, k for softmax."""
     if record.kind == 'linear' and record.q_phi is not None and record.k_phi is not None:
         return record.q_phi, record.k_phi
     q, k, _ = project_qkv(record.module, record.tokens)
     if record.kind == 'linear':
-        return torch.relu(q), torch.relu(k)
+        k = torch.relu(k)
+        if getattr(record.module, 'temperature_placement', 'output') == 'key':
+            k = k * record.module.temperature.to(k.dtype)
+        return torch.relu(q), k
     return q, k
+
+
+def mixer_attention_rows(
+        record: AttentionInput,
+        query_index: torch.Tensor | Sequence[int] | None = None,
+) -> torch.Tensor:
+    """Rows ``(B, heads, Q, N)`` from the mixer's own ``attention_weights`` (in eval mode), for any global mixer."""
+    fn = getattr(record.module, 'attention_weights', None)
+    if not callable(fn):
+        raise ValueError(f'{record.name}: mixer {record.kind!r} has no attention_weights method')
+    dev = record.tokens.device
+    idx = None if query_index is None else torch.as_tensor(query_index, device=dev, dtype=torch.long).reshape(-1)
+    with eval_mode(record.module):
+        return fn(record.tokens, idx)
 
 
 def _global_rows(record: AttentionInput, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -131,6 +192,8 @@ def global_attention_rows(
         query_index: torch.Tensor | Sequence[int] | None = None,
 ) -> torch.Tensor:
     """Rows ``(B, heads, Q, N)`` of a global block's attention for the given flat query indices (default: all)."""
+    if record.kind not in SUPPORTED_MIXERS:
+        return mixer_attention_rows(record, query_index)
     q, k = _queries_keys(record)
     if query_index is not None:
         q = q[:, :, torch.as_tensor(query_index, device=q.device, dtype=torch.long)]
@@ -214,13 +277,18 @@ def iter_attention_rows(
 
     H, W = record.grid_size
     B = record.tokens.shape[0]
-    q, k = _queries_keys(record)
+    exact = record.kind in SUPPORTED_MIXERS
+    if exact:
+        q, k = _queries_keys(record)
     centers = token_centers(H, W, record.stride, device=dev)
     index = _even_subset(H * W, max_queries, dev)
     allowed = torch.ones(1, H * W, dtype=torch.bool, device=dev)
     for start in range(0, index.numel(), chunk_size):
         idx = index[start:start + chunk_size]
-        rows, clamped = _global_rows(record, q[:, :, idx], k)
+        if exact:
+            rows, clamped = _global_rows(record, q[:, :, idx], k)
+        else:
+            rows, clamped = mixer_attention_rows(record, idx), None
         valid = torch.ones(B, idx.numel(), dtype=torch.bool, device=dev)
         yield RowChunk(rows, valid, allowed, pairwise_distances(centers[idx], centers), clamped)
 

@@ -1,11 +1,13 @@
 """Capture what each attention mixer of a model sees: the normed NHWC tokens that enter its ``attn`` module.
 
-Attention maps are then recomputed from these tokens and the mixer's own ``qkv`` weights
-(:mod:`l2vit.analysis.attention_maps`). Hooking the mixer's *input* rather than its internals keeps the analysis
-independent of how the mixers compute their output (fused kernels, kv-first order, ...): all it relies on is that a
-block has an ``attn`` module registered as a token mixer, with ``qkv`` and ``num_heads``. For linear attention the
-feature-mapped queries and keys are also taken from the mixer's ``q_probe`` / ``k_probe`` hook points when it fires
-them, so the maps follow the mixer's own feature map.
+Attention maps are then recomputed from these tokens (:mod:`l2vit.analysis.attention_maps`). Hooking the mixer's
+*input* rather than its internals keeps the analysis independent of how the mixers compute their output (fused
+kernels, kv-first order, chunked scans, ...). For the mixers of :data:`SUPPORTED_MIXERS` the analysis recomputes
+the weights itself from the mixer's ``qkv`` and ``num_heads``; for linear attention the feature-mapped queries and
+keys are also taken from the mixer's ``q_probe`` / ``k_probe`` hook points when it fires them, so the maps follow
+the mixer's own feature map. Any other mixer is analysed through its own ``attention_weights(x, queries)`` method
+(rows of the token mixing it applies to its values); mixers without one, or whose method raises
+``NotImplementedError`` for their configuration, are skipped with a warning.
 """
 from __future__ import annotations
 
@@ -20,12 +22,25 @@ import torch
 from torch import nn
 
 __all__ = [
-    'AttentionInput', 'SUPPORTED_MIXERS', 'attention_blocks', 'capture_attention_inputs', 'capture_module_inputs',
-    'eval_mode', 'query_tokens',
+    'AttentionInput', 'SUPPORTED_MIXERS', 'attention_blocks', 'block_label', 'capture_attention_inputs',
+    'capture_module_inputs', 'block_stage', 'eval_mode', 'has_attention_rows', 'query_tokens', 'token_stride',
 ]
 
-# mixers whose attention weights we know how to recompute from (tokens, qkv)
+# mixers whose attention weights the analysis recomputes itself from (tokens, qkv); any other mixer with an
+# ``attention_weights`` method is supported through that method
 SUPPORTED_MIXERS = ('window', 'linear', 'softmax')
+
+
+def has_attention_rows(mixer: nn.Module) -> bool:
+    """Whether the analysis can form attention rows of ``mixer``: an exact path or an ``attention_weights`` method."""
+    return getattr(mixer, 'mixer_name', None) in SUPPORTED_MIXERS or callable(getattr(mixer, 'attention_weights', None))
+
+
+def block_label(name: str, kind: str, has_lcm: bool) -> str:
+    """Short label for figures: ``'s2.b1 linear+LCM'`` for block ``'stages.2.blocks.1'``."""
+    m = re.search(r'stages\.(\d+)\.blocks\.(\d+)', name)
+    where = f's{m.group(1)}.b{m.group(2)}' if m else name
+    return f'{where} {kind}{"+LCM" if has_lcm else ""}'
 
 
 @dataclass
@@ -34,7 +49,8 @@ class AttentionInput:
 
     Attributes:
         name: Block name in the model (``'stages.2.blocks.1'``); the mixer is ``<name>.attn``.
-        kind: Registered mixer name: ``'window'`` (LWA), ``'linear'`` (LGA's attention) or ``'softmax'``.
+        kind: Registered mixer name: ``'window'`` (LWA), ``'linear'`` (LGA's attention), ``'softmax'`` or any other
+            global mixer with an ``attention_weights`` method (``'flatten'``, ``'masa'``, ...).
         module: The mixer module (``block.attn``).
         tokens: Its input, the LayerNorm-ed tokens ``(B, H, W, C)`` (detached).
         stride: Input pixels per token at this block's stage.
@@ -45,6 +61,7 @@ class AttentionInput:
         q_phi: Linear attention: feature-mapped queries ``(B, heads, H·W, d)`` seen at ``attn.q_probe``, or None
             (then φ = ReLU is applied to the recomputed queries).
         k_phi: The same for the keys (``attn.k_probe``).
+        heads: Heads of the rows (default: ``module.num_heads``; FCViT's context has its own head count).
     """
     name: str
     kind: str
@@ -57,6 +74,7 @@ class AttentionInput:
     block_input: torch.Tensor | None = None
     q_phi: torch.Tensor | None = None
     k_phi: torch.Tensor | None = None
+    heads: int | None = None
 
     @property
     def grid_size(self) -> tuple[int, int]:
@@ -65,19 +83,17 @@ class AttentionInput:
 
     @property
     def num_heads(self) -> int:
-        return int(self.module.num_heads)
+        return int(self.heads if self.heads is not None else self.module.num_heads)
 
     @property
     def is_global(self) -> bool:
-        """True for mixers over all tokens (LGA, global softmax), False for window attention."""
+        """True for rows over all tokens (every mixer but window attention), False for window attention."""
         return self.kind != 'window'
 
     @property
     def label(self) -> str:
         """Short label for figures: ``'s2.b1 linear+LCM'``."""
-        m = re.search(r'stages\.(\d+)\.blocks\.(\d+)', self.name)
-        where = f's{m.group(1)}.b{m.group(2)}' if m else self.name
-        return f'{where} {self.kind}{"+LCM" if self.has_lcm else ""}'
+        return block_label(self.name, self.kind, self.has_lcm)
 
 
 @contextmanager
@@ -99,12 +115,14 @@ def attention_blocks(model: nn.Module) -> list[tuple[str, nn.Module]]:
     ]
 
 
-def _stage_of(name: str) -> int | None:
+def block_stage(name: str) -> int | None:
+    """Stage index in a block name (``'stages.2.blocks.1'`` → 2), or None."""
     m = re.search(r'stages\.(\d+)\.', name + '.')
     return int(m.group(1)) if m else None
 
 
-def _stride_of(model: nn.Module, stage: int | None, image_size: tuple[int, int], grid: tuple[int, int]) -> int:
+def token_stride(model: nn.Module, stage: int | None, image_size: tuple[int, int], grid: tuple[int, int]) -> int:
+    """Input pixels per token of a stage (``feature_info``'s reduction, else the power of two nearest image/grid)."""
     info = getattr(model, 'feature_info', None)
     if stage is not None and isinstance(info, list) and stage < len(info) and 'reduction' in info[stage]:
         return int(info[stage]['reduction'])
@@ -176,7 +194,7 @@ def capture_attention_inputs(
         images: torch.Tensor,
         blocks: Sequence[str] | None = None,
 ) -> list[AttentionInput]:
-    """Capture the input tokens of every supported attention mixer of ``model`` for ``images``.
+    """Capture the input tokens of every attention mixer of ``model`` whose rows the analysis can form.
 
     Args:
         model: An L²ViT-style model (blocks with a registered ``attn`` mixer).
@@ -184,8 +202,9 @@ def capture_attention_inputs(
         blocks: Block names to capture (default: all attention blocks). Unknown names raise a ``ValueError``.
 
     Returns:
-        One :class:`AttentionInput` per block, in model order. Blocks whose mixer is not one of
-        :data:`SUPPORTED_MIXERS` are skipped with a warning.
+        One :class:`AttentionInput` per block, in model order. Blocks whose mixer is neither one of
+        :data:`SUPPORTED_MIXERS` nor has an ``attention_weights`` method, and blocks whose ``attention_weights``
+        raises ``NotImplementedError`` (checked on one query row), are skipped with a warning.
     """
     if not isinstance(images, torch.Tensor) or images.dim() != 4:
         raise ValueError(f'expected an image batch tensor (B, C, H, W), got {getattr(images, "shape", type(images))}')
@@ -198,11 +217,12 @@ def capture_attention_inputs(
         if unknown:
             raise ValueError(f'unknown attention block(s) {unknown}; the model has {list(by_name)}')
         found = [(b, by_name[b]) for b in by_name if b in set(blocks)]
-    skipped = [n for n, b in found if b.attn.mixer_name not in SUPPORTED_MIXERS]
+    skipped = [n for n, b in found if not has_attention_rows(b.attn)]
     if skipped:
         warnings.warn(f'no attention maps for mixer(s) {sorted({by_name[n].attn.mixer_name for n in skipped})} '
-                      f'(blocks {skipped}); supported: {SUPPORTED_MIXERS}', stacklevel=2)
-    found = [(n, b) for n, b in found if b.attn.mixer_name in SUPPORTED_MIXERS]
+                      f'(blocks {skipped}): neither one of {SUPPORTED_MIXERS} nor with an attention_weights method',
+                      stacklevel=2)
+    found = [(n, b) for n, b in found if has_attention_rows(b.attn)]
     names = [n for n, _ in found]
     probes = [f'{n}.attn.{p}' for n, b in found if b.attn.mixer_name == 'linear'
               for p in ('q_probe', 'k_probe') if isinstance(getattr(b.attn, p, None), nn.Module)]
@@ -211,21 +231,41 @@ def capture_attention_inputs(
     out = []
     for name, block in found:
         x = tokens[f'{name}.attn']
-        stage = _stage_of(name)
+        heads = None
+        if block.attn.mixer_name not in SUPPORTED_MIXERS:
+            try:
+                heads = _row_heads(block.attn, x)
+            except NotImplementedError as e:
+                warnings.warn(f'no attention maps for block {name} ({block.attn.mixer_name}): {e}', stacklevel=2)
+                continue
+        stage = block_stage(name)
         out.append(AttentionInput(
             name=name,
             kind=block.attn.mixer_name,
             module=block.attn,
             tokens=x,
-            stride=_stride_of(model, stage, image_size, (x.shape[1], x.shape[2])),
+            stride=token_stride(model, stage, image_size, (x.shape[1], x.shape[2])),
             image_size=image_size,
             has_lcm=getattr(block, 'local_mp', None) is not None,
             stage=stage,
             block_input=tokens[name],
-            q_phi=_probe(probed.get(f'{name}.attn.q_probe'), x, block.attn.num_heads),
-            k_phi=_probe(probed.get(f'{name}.attn.k_probe'), x, block.attn.num_heads),
+            q_phi=_probe(probed.get(f'{name}.attn.q_probe'), x, getattr(block.attn, 'num_heads', 0)),
+            k_phi=_probe(probed.get(f'{name}.attn.k_probe'), x, getattr(block.attn, 'num_heads', 0)),
+            heads=heads,
         ))
     return out
+
+
+def _row_heads(mixer: nn.Module, tokens: torch.Tensor) -> int:
+    """Heads of ``mixer.attention_weights`` rows, from one query row of the first image (raises what it raises)."""
+    first = torch.zeros(1, dtype=torch.long, device=tokens.device)
+    with torch.no_grad(), eval_mode(mixer):
+        rows = mixer.attention_weights(tokens[:1], first)
+    n = tokens.shape[1] * tokens.shape[2]
+    if rows.dim() != 4 or rows.shape[0] != 1 or rows.shape[2] != 1 or rows.shape[3] != n:
+        raise ValueError(f'{type(mixer).__name__}.attention_weights returned shape {tuple(rows.shape)} for one query '
+                         f'of one {tokens.shape[1]}x{tokens.shape[2]} map; expected (1, heads, 1, {n})')
+    return int(rows.shape[1])
 
 
 def query_tokens(

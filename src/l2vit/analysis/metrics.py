@@ -6,10 +6,13 @@ so no ``N × N`` matrix is ever held in memory.
 
 Conventions (see ``docs/analysis.md``):
 
-* Rows are turned into probability distributions before entropy, top-k mass and distance are taken. For softmax
-  and window attention this changes nothing; for L²ViT's linear attention it undoes the clamp of the normaliser
-  (``max(Σ, 100)``), which scales a row without changing its shape. How much of a row the clamp removed is reported
-  separately as ``row_mass`` (1 where the clamp is inactive).
+* Rows are turned into probability distributions ``p = |w| / Σ|w|`` before entropy, top-k mass and distance are
+  taken. For softmax and window attention this changes nothing; for L²ViT's linear attention it undoes the clamp of
+  the normaliser (``max(Σ, 100)``), which scales a row without changing its shape. How much of a row the clamp
+  removed is reported separately as ``row_mass`` (1 where the clamp is inactive). Some other mixers' rows are signed
+  (InLine, RALA's RoPE, Castling's cosines, ViG's scans, ViTALiTy's Taylor term): their metrics describe where the
+  *magnitude* of the mixing goes; ``row_mass`` is the signed sum and ``negative_mass`` the share of ``Σ|w|`` on
+  negative weights.
 * Entropy is normalised by ``log K``, where ``K`` counts the keys a query may attend to, so 1 means uniform and 0
   means all weight on one key. ``K`` differs between window (``window_size²``) and global (``H·W``) attention, so
   normalised entropies of the two kinds are not comparable; the raw entropy in nats is reported too.
@@ -73,16 +76,18 @@ def mean_distance(p: torch.Tensor, distances: torch.Tensor, dim: int = -1) -> to
 
 
 def renormalize_rows(rows: torch.Tensor, dim: int = -1) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Probability view of non-negative attention rows.
+    """Probability view ``|w| / Σ|w|`` of attention rows (for non-negative rows: the rows divided by their sum).
 
     Returns:
-        ``(p, mass, empty)``: rows divided by their sum, the sums, and a mask of rows whose sum is 0 (a query whose
-        ReLU-mapped vector is all zero attends to nothing; its ``p`` is left at 0 and it should be skipped).
+        ``(p, mass, empty)``: the probability rows, the signed sums ``Σ w``, and a mask of rows with ``Σ|w| = 0``
+        (e.g. a query whose ReLU-mapped vector is all zero attends to nothing; its ``p`` is left at 0 and it should
+        be skipped).
     """
-    mass = rows.sum(dim)
-    empty = mass <= 0
-    p = rows / torch.where(empty, torch.ones_like(mass), mass).unsqueeze(dim)
-    return p, mass, empty
+    magnitude = rows.abs()
+    total = magnitude.sum(dim)
+    empty = total <= 0
+    p = magnitude / torch.where(empty, torch.ones_like(total), total).unsqueeze(dim)
+    return p, rows.sum(dim), empty
 
 
 @dataclass
@@ -95,7 +100,9 @@ class AttentionStats:
         topk_mass: ``{k: per-head mean mass of the k largest weights}``.
         distance_px: Mean attention distance in input pixels, per head.
         uniform_distance_px: The same for a uniform row over the allowed keys (a reference for ``distance_px``).
-        row_mass: Mean row sum before renormalisation (1 unless a linear-attention clamp is active), per head.
+        row_mass: Mean signed row sum before renormalisation (1 for softmax; less where a linear-attention clamp
+            is active; other values for mixers whose rows do not sum to one), per head.
+        negative_mass: Mean share of a row's ``Σ|w|`` on negative weights (0 unless the mixer's rows are signed).
         clamped_fraction: Fraction of rows whose normaliser was clamped (linear attention; else 0), per head.
         empty_fraction: Fraction of rows with no weight at all (skipped by the other metrics), per head.
         num_keys: Keys per query (``window_size²`` or ``H·W``).
@@ -107,6 +114,7 @@ class AttentionStats:
     distance_px: list[float]
     uniform_distance_px: list[float]
     row_mass: list[float]
+    negative_mass: list[float]
     clamped_fraction: list[float]
     empty_fraction: list[float]
     num_keys: int
@@ -123,6 +131,7 @@ class AttentionStats:
             'distance_px': entry(self.distance_px),
             'uniform_distance_px': entry(self.uniform_distance_px),
             'row_mass': entry(self.row_mass),
+            'negative_mass': entry(self.negative_mass),
             'clamped_fraction': entry(self.clamped_fraction),
             'empty_fraction': entry(self.empty_fraction),
             'num_keys': self.num_keys,
@@ -150,7 +159,8 @@ def attention_statistics(
         raise ValueError(f'topk must be a non-empty sequence of ints >= 1, got {topk}')
     heads = record.num_heads
     dev = record.tokens.device
-    names = ('entropy', 'entropy_nats', 'distance_px', 'uniform_distance_px', 'row_mass', 'clamped', 'empty')
+    names = ('entropy', 'entropy_nats', 'distance_px', 'uniform_distance_px', 'row_mass', 'negative', 'clamped',
+             'empty')
     sums = {name: torch.zeros(heads, dtype=torch.float64, device=dev) for name in names}
     topk_sums = {int(k): torch.zeros(heads, dtype=torch.float64, device=dev) for k in topk}
     rows_total = 0  # real (image, query) pairs; the same for every head
@@ -175,6 +185,7 @@ def attention_statistics(
         add('distance_px', mean_distance(p, dist), keep)
         add('uniform_distance_px', uniform[:, None, :], real)
         add('row_mass', mass, real)
+        add('negative', (p * (rows < 0)).sum(-1), keep)
         add('empty', empty.double(), real)
         if chunk.clamped is not None:
             add('clamped', chunk.clamped.double(), real)
@@ -197,6 +208,7 @@ def attention_statistics(
         distance_px=mean('distance_px', kept),
         uniform_distance_px=mean('uniform_distance_px', rows_total),
         row_mass=mean('row_mass', rows_total),
+        negative_mass=mean('negative', kept),
         clamped_fraction=mean('clamped', rows_total),
         empty_fraction=mean('empty', rows_total),
         num_keys=num_keys,

@@ -25,8 +25,17 @@ from torch import nn
 
 from ..version import __version__
 from ._io import atomic_write_bytes
-from .attention_maps import attention_maps, pairwise_distances, token_centers
-from .capture import capture_attention_inputs, query_tokens
+from .attention_maps import ROW_METRICS_RULE, attention_maps, pairwise_distances, row_semantics, token_centers
+from .capture import (
+    AttentionInput,
+    attention_blocks,
+    block_label,
+    block_stage,
+    capture_attention_inputs,
+    capture_module_inputs,
+    query_tokens,
+    token_stride,
+)
 from .erf import DEFAULT_ERF_FRACTIONS, block_erf, erf_statistics
 from .images import ImageBatch
 from .metrics import DEFAULT_TOPK, AttentionStats, attention_statistics, normalized_entropy, renormalize_rows
@@ -48,7 +57,7 @@ class BlockResult:
     Attributes:
         name: Block name (``'stages.1.blocks.1'``).
         label: Short label (``'s1.b1 linear+LCM'``).
-        kind: Mixer name (``'window'``, ``'linear'``, ``'softmax'``).
+        kind: Mixer name (``'window'``, ``'linear'``, ``'softmax'``, ``'flatten'``, ...).
         has_lcm: The block has a Local Concentration Module.
         grid: Token grid ``(H, W)``.
         stride: Input pixels per token.
@@ -57,6 +66,7 @@ class BlockResult:
         query_tokens: Token ``(row, col)`` of each query point.
         maps: ``(B, heads, Q, H, W)`` maps of the query points (CPU, float32).
         query_metrics: Global blocks: per query point, the metrics of its exact row (per image and head).
+        row_semantics: What a row of this mixer's weights is (sign, sum, branches left out).
     """
     name: str
     label: str
@@ -69,6 +79,7 @@ class BlockResult:
     query_tokens: list[tuple[int, int]]
     maps: torch.Tensor
     query_metrics: list[dict[str, Any]] = field(default_factory=list)
+    row_semantics: str = ''
 
     @property
     def is_global(self) -> bool:
@@ -81,12 +92,13 @@ class BlockResult:
             'metrics': self.stats.to_dict(),
             'query_tokens': [list(t) for t in self.query_tokens],
             'query_metrics': self.query_metrics,
+            'row_semantics': self.row_semantics,
         }
 
 
 @dataclass
 class ErfResult:
-    """Effective receptive field of one global block, with and (where it has one) without its LCM.
+    """Effective receptive field of one global block (any mixer), with and (where it has one) without its LCM.
 
     Attributes:
         name: Block name.
@@ -119,7 +131,8 @@ class SourceResult:
         """Flat averages over blocks: ``'{global|window}/{metric}'`` and ``'erf/{condition}/{stat}'``.
 
         Each attention metric is the mean over blocks of that kind of the head means; the ERF numbers are means
-        over the analysed global blocks. This is the row an experiment table wants per trained model.
+        over the global blocks (every global block, also those whose mixer gives no attention rows). This is the
+        row an experiment table wants per trained model.
         """
         out: dict[str, float] = {}
         for group in ('global', 'window'):
@@ -230,6 +243,9 @@ def analyze_model(
 ) -> SourceResult:
     """Measure one model: attention metrics of every attention block, query-point maps, ERFs of global blocks.
 
+    Blocks whose mixer gives no attention rows (see :func:`~l2vit.analysis.capture_attention_inputs`) are left out
+    of the attention metrics with a warning; their ERFs are still computed when they are global.
+
     Args:
         model: An L²ViT-style model (any mixer mix), run in eval mode.
         images: Normalised image batch ``(B, C, H, W)`` or an :class:`ImageBatch`.
@@ -238,7 +254,7 @@ def analyze_model(
         topk: ``k`` values of the top-k mass.
         chunk_size: Queries (or windows) per chunk in the all-query statistics.
         max_queries: Subsample global-attention queries to at most this many per image (default: all).
-        erf: Also compute block ERFs (with and without LCM) of the global blocks.
+        erf: Also compute block ERFs (with and without LCM) of every global block, whatever its mixer.
         blocks: Restrict to these block names (default: all attention blocks).
     """
     x = images.tensor if isinstance(images, ImageBatch) else images
@@ -256,19 +272,44 @@ def analyze_model(
             grid=record.grid_size, stride=record.stride, heads=record.num_heads, stats=stats,
             query_tokens=tokens, maps=maps,
             query_metrics=_query_metrics(maps, tokens, record.stride) if record.is_global else [],
+            row_semantics=row_semantics(record.kind),
         ))
-        if erf and record.is_global:
-            conditions = {'with_lcm': True, 'without_lcm': False} if record.has_lcm else {'block': True}
-            maps_erf = {c: block_erf(model, x, record.name, with_lcm=w, block_input=record.block_input).float().cpu()
-                        for c, w in conditions.items()}
-            erfs.append(ErfResult(
-                name=record.name, label=record.label, stride=record.stride, maps=maps_erf,
-                stats={c: erf_statistics(m, DEFAULT_ERF_FRACTIONS, cell_size=record.stride)
-                       for c, m in maps_erf.items()},
-            ))
+    if erf:
+        erfs = _global_block_erfs(model, x, records, blocks)
     cfg = getattr(model, 'pretrained_cfg', None) or {}
     args = timm.models.get_model_args(model)
     return SourceResult(label, cfg.get('architecture', type(model).__name__), args, results, erfs)
+
+
+def _global_block_erfs(
+        model: nn.Module,
+        x: torch.Tensor,
+        records: Sequence[AttentionInput],
+        blocks: Sequence[str] | None,
+) -> list[ErfResult]:
+    """ERFs of every global attention block (mixer not local), in model order, with and without LCM."""
+    recorded = {r.name: r for r in records}
+    wanted = [(n, b) for n, b in attention_blocks(model)
+              if not getattr(b.attn, 'is_local', False) and (blocks is None or n in set(blocks))]
+    # blocks whose mixer gives no attention rows were not captured: their inputs come from one more forward pass
+    missing = [n for n, _ in wanted if n not in recorded]
+    inputs = capture_module_inputs(model, x, missing) if missing else {}
+    image_size = (int(x.shape[-2]), int(x.shape[-1]))
+    out = []
+    for name, block in wanted:
+        record = recorded.get(name)
+        tokens = record.block_input if record is not None else inputs[name]
+        has_lcm = getattr(block, 'local_mp', None) is not None
+        stride = record.stride if record is not None else token_stride(
+            model, block_stage(name), image_size, (tokens.shape[1], tokens.shape[2]))
+        conditions = {'with_lcm': True, 'without_lcm': False} if has_lcm else {'block': True}
+        maps = {c: block_erf(model, x, name, with_lcm=w, block_input=tokens).float().cpu()
+                for c, w in conditions.items()}
+        out.append(ErfResult(
+            name=name, label=block_label(name, block.attn.mixer_name, has_lcm), stride=stride, maps=maps,
+            stats={c: erf_statistics(m, DEFAULT_ERF_FRACTIONS, cell_size=stride) for c, m in maps.items()},
+        ))
+    return out
 
 
 def analyze(
@@ -287,6 +328,7 @@ def analyze(
     settings = {k: (list(v) if isinstance(v, (tuple, list)) else v) for k, v in kwargs.items()}
     settings.setdefault('topk', list(DEFAULT_TOPK))
     settings['erf_fractions'] = list(DEFAULT_ERF_FRACTIONS)
+    settings['row_metrics'] = ROW_METRICS_RULE
     return AnalysisResult(sources, list(names), (int(tensor.shape[-2]), int(tensor.shape[-1])),
                           [tuple(map(float, p)) for p in query_points], settings)
 

@@ -4,6 +4,7 @@ from ._registry import create_mixer, get_mixer, is_local_mixer, list_mixers, reg
 from .cpe import ConvPosEnc
 from .lcm import LocalConcentration
 from .mixers import (
+    TEMPERATURE_PLACEMENTS,
     GlobalSoftmaxAttention,
     LinearGlobalAttention,
     LocalWindowAttention,

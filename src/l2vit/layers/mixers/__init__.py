@@ -4,7 +4,7 @@ from .castling import LinearAngularAttention, SparseLinearAngularAttention, cast
 from .fcvit import FCViTTokenMixer, GlobalContext, fcvit_from_official
 from .flatten import FocusedLinearAttention, flatten_from_official, focused_linear_attention
 from .inline import InLineAttention, injective_linear_attention, injective_linear_attention_naive, inline_from_official
-from .linear_attn import LinearGlobalAttention, linear_attention, linear_attention_naive
+from .linear_attn import TEMPERATURE_PLACEMENTS, LinearGlobalAttention, linear_attention, linear_attention_naive
 from .rala import RankAugmentedLinearAttention, rala_from_official, rala_linear_attention, rala_linear_attention_naive
 from .rala_softmax import RALASoftmaxAttention
 from .rmt import DecomposedManhattanSelfAttention, ManhattanSelfAttention, masa_from_official

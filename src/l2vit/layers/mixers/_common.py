@@ -8,7 +8,7 @@ from collections.abc import Mapping
 
 import torch
 
-__all__ = ['autocast_device', 'check_divisible', 'select_official', 'merge_q_kv', 'conv1x1_to_linear']
+__all__ = ['autocast_device', 'check_divisible', 'select_official', 'merge_q_kv', 'conv1x1_to_linear', 'query_index']
 
 
 def autocast_device(x: torch.Tensor) -> str:
@@ -80,3 +80,26 @@ def conv1x1_to_linear(sd: dict[str, torch.Tensor], names: tuple[str, ...]) -> di
                 raise ValueError(f'{name}.weight has shape {tuple(w.shape)}, expected a 1x1 convolution')
             sd[name + '.weight'] = w.flatten(1)
     return sd
+
+
+def query_index(queries: torch.Tensor | None, num_tokens: int, device: torch.device) -> torch.Tensor:
+    """The query tokens of an ``attention_weights`` call: ``queries`` checked and as int64, or all tokens if None.
+
+    Every global mixer's ``attention_weights(x, queries)`` takes flat (row-major) token indices; this is the shared
+    check.
+
+    Args:
+        queries: 1-D integer tensor of indices in ``[0, num_tokens)``, or None.
+        num_tokens: Tokens of the map (``H·W``).
+        device: Device of the returned index.
+    """
+    if queries is None:
+        return torch.arange(num_tokens, device=device)
+    if not isinstance(queries, torch.Tensor) or queries.dim() != 1 or queries.is_floating_point() \
+            or queries.is_complex() or queries.dtype == torch.bool:
+        raise ValueError(f'queries must be a 1-D integer tensor of flat token indices, got '
+                         f'{getattr(queries, "shape", type(queries).__name__)} of {getattr(queries, "dtype", "-")}')
+    if queries.numel() and (int(queries.min()) < 0 or int(queries.max()) >= num_tokens):
+        raise ValueError(f'query indices must lie in [0, {num_tokens}) (the H·W tokens), got '
+                         f'{int(queries.min())}..{int(queries.max())}')
+    return queries.to(device=device, dtype=torch.long)

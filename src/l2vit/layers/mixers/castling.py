@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .._registry import register_mixer
-from ._common import autocast_device, check_divisible, select_official
+from ._common import autocast_device, check_divisible, query_index, select_official
 
 __all__ = [
     'LinearAngularAttention', 'SparseLinearAngularAttention', 'linear_angular_attention',
@@ -138,6 +138,30 @@ class LinearAngularAttention(nn.Module):
         q, k, v = qkv.unbind(0)  # B, heads, N, d
         out = self._attend(q, k, v).transpose(1, 2).reshape(B, N, C)
         return self.proj_drop(self.proj(out)).reshape(B, H, W, C)
+
+    def attention_weights(self, x: torch.Tensor, queries: torch.Tensor | None = None) -> torch.Tensor:
+        """The mixing rows ``(B, heads, Q, N)`` of u for the given flat query tokens (None: all N).
+
+        ``w_nm = ½·[n = m] + (1/π)·q̂_n·k̂_m`` (plus ``M_nm A_nm`` with ``sparse_reg``): ``u = w v`` per head, as
+        :func:`linear_angular_attention_naive` forms it. Rows are signed (cosines) and do not sum to one. Not part
+        of them: the L2 normalisation of each u_n (a positive per-row factor) and the depth-wise conv on V along the
+        token sequence (a separate, local branch); the output is ``proj(normalize(w v) + dconv(v))``.
+
+        Args:
+            x: The mixer's input ``(B, H, W, C)``.
+            queries: 1-D integer tensor of row-major token indices, or None for every token.
+        """
+        B, H, W, C = x.shape
+        N = H * W
+        idx = query_index(queries, N, x.device)
+        qkv = self.qkv(x.reshape(B, N, C)).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        q, k, _ = qkv.unbind(0)  # B, heads, N, d
+        q = q[:, :, idx]
+        cosine = F.normalize(q, dim=-1) @ F.normalize(k, dim=-1).transpose(-2, -1)
+        weights = cosine / math.pi + 0.5 * F.one_hot(idx, N).to(cosine.dtype)
+        if self.sparse_reg:
+            weights = weights + castling_sparse_weights(q, k, self.scale, self.sparse_threshold)
+        return weights
 
 
 @register_mixer('castling_sparse', local=False)

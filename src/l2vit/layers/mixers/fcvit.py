@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .._registry import register_mixer
-from ._common import autocast_device, check_divisible, select_official
+from ._common import autocast_device, check_divisible, query_index, select_official
 
 __all__ = [
     'FCViTTokenMixer', 'GlobalContext', 'SpatialAttention', 'context_similarity', 'context_similarity_naive',
@@ -217,6 +217,25 @@ class FCViTTokenMixer(nn.Module):
         if self.spatial_att is not None:
             x = self.spatial_att(x)
         return self.proj_drop(x.permute(0, 2, 3, 1))
+
+    def attention_weights(self, x: torch.Tensor, queries: torch.Tensor | None = None) -> torch.Tensor:
+        """The token mixing of the first global context, ``(B, gc_heads, Q, N)`` rows of ``1/N``.
+
+        The only step of the mixer that reads other tokens without a convolution is the global context, and it
+        reads them through their mean: every query gets ``G_n = ŝ_n ⊙ g(Σ_m w_nm X_m)`` with ``w_nm = 1/N``, the
+        per-query factor ŝ_n (a signed z-score) and the MLP g acting *after* the pooling. So the rows are uniform by
+        construction, whatever the input: FCViT's global part does not concentrate; its locality is in the 11×11
+        depth-wise convs, which the effective receptive field shows and rows over tokens cannot. The second context
+        pools the (convolved) map the same way.
+
+        Args:
+            x: The mixer's input ``(B, H, W, C)``.
+            queries: 1-D integer tensor of row-major token indices, or None for every token.
+        """
+        B, H, W, C = x.shape
+        N = H * W
+        idx = query_index(queries, N, x.device)
+        return x.new_full((B, self.gc1.heads, idx.numel(), N), 1. / N)
 
 
 def fcvit_from_official(state_dict: Mapping[str, torch.Tensor], prefix: str = '') -> dict[str, torch.Tensor]:

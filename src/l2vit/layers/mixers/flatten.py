@@ -23,7 +23,7 @@ from timm.layers import resample_abs_pos_embed, to_2tuple
 from torch import nn
 
 from .._registry import register_mixer
-from ._common import autocast_device, check_divisible, merge_q_kv, select_official
+from ._common import autocast_device, check_divisible, merge_q_kv, query_index, select_official
 
 __all__ = [
     'FocusedLinearAttention', 'focusing_feature_map', 'focused_attention_weights', 'focused_linear_attention',
@@ -167,6 +167,29 @@ class FocusedLinearAttention(nn.Module):
         k = k + self.pos_embed(H, W)
         out = self._attend(q, k, v, H, W)
         return self.proj_drop(self.proj(out)).reshape(B, H, W, C)
+
+    def attention_weights(self, x: torch.Tensor, queries: torch.Tensor | None = None) -> torch.Tensor:
+        """The focused-attention rows ``(B, heads, Q, N)`` of the given flat query tokens (None: all N).
+
+        :func:`focused_attention_weights` of the mixer's own φ(q), φ(k) (keys with the positional table): non-negative
+        rows that sum to one up to the 1e-6 in the normaliser. The depth-wise conv on V is a separate, local branch
+        and not part of them: the output is ``proj(rows @ v + DWC(v))``.
+
+        Args:
+            x: The mixer's input ``(B, H, W, C)``.
+            queries: 1-D integer tensor of row-major token indices, or None for every token.
+        """
+        B, H, W, C = x.shape
+        N = H * W
+        idx = query_index(queries, N, x.device)
+        q, k, _ = self.qkv(x.reshape(B, N, C)).chunk(3, dim=-1)
+        k = k + self.pos_embed(H, W)
+        # the focused map acts on each token's channels alone, so the chosen queries can be mapped by themselves
+        q = focusing_feature_map(q[:, idx], self.scale, self.focusing_factor)
+        k = focusing_feature_map(k, self.scale, self.focusing_factor)
+        q = q.reshape(B, -1, self.num_heads, self.head_dim).transpose(1, 2)
+        k = k.reshape(B, N, self.num_heads, self.head_dim).transpose(1, 2)
+        return focused_attention_weights(q, k)
 
 
 def flatten_from_official(state_dict: Mapping[str, torch.Tensor], prefix: str = '') -> dict[str, torch.Tensor]:

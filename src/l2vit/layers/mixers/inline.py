@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .._registry import register_mixer
-from ._common import autocast_device, check_divisible, merge_q_kv, select_official
+from ._common import autocast_device, check_divisible, merge_q_kv, query_index, select_official
 
 __all__ = [
     'InLineAttention', 'injective_attention_weights', 'injective_linear_attention', 'injective_linear_attention_naive',
@@ -154,6 +154,25 @@ class InLineAttention(nn.Module):
         v = v.reshape(B, N, self.num_heads, self.head_dim).transpose(1, 2)
         out = self._attend(q, k, v).transpose(1, 2).reshape(B, N, C)
         return self.proj_drop(self.proj(out + local)).reshape(B, H, W, C)
+
+    def attention_weights(self, x: torch.Tensor, queries: torch.Tensor | None = None) -> torch.Tensor:
+        """The injective rows ``(B, heads, Q, N)`` of the given flat query tokens (None: all N).
+
+        :func:`injective_attention_weights` of the mixer's own φ(q), φ(k): rows sum to one but are signed. The
+        dynamic 3×3 depth-wise residual on V is a separate, local branch and not part of them: the output is
+        ``proj(rows @ v + residual)``.
+
+        Args:
+            x: The mixer's input ``(B, H, W, C)``.
+            queries: 1-D integer tensor of row-major token indices, or None for every token.
+        """
+        B, H, W, C = x.shape
+        N = H * W
+        idx = query_index(queries, N, x.device)
+        q, k, _ = self.qkv(x.reshape(B, N, C)).chunk(3, dim=-1)
+        q = self._phi(q[:, idx]).reshape(B, -1, self.num_heads, self.head_dim).transpose(1, 2)
+        k = self._phi(k).reshape(B, N, self.num_heads, self.head_dim).transpose(1, 2)
+        return injective_attention_weights(q, k, self.scale)
 
 
 def inline_from_official(state_dict: Mapping[str, torch.Tensor], prefix: str = '') -> dict[str, torch.Tensor]:

@@ -7,6 +7,10 @@ Per head, with φ = ReLU on queries and keys (not values), learnable temperature
 The module computes this "kv-first", in O(N·d²) time and O(d²) state per head; no N×N matrix is formed.
 ``linear_attention_naive`` is the equivalent "qk-first" form, which forms the attention matrix
 ``A_nm = φ(q_n)·φ(k_m) / max(Σ_m' φ(q_n)·φ(k_m'), c)`` explicitly (the form used to visualise it).
+
+Where τ goes is an option (``temperature=``), for the ablation the official code's comments describe: on the output
+(the released models), on the keys (``φ(k) → τ·φ(k)``: it cancels between numerator and denominator except where
+the clamp is active), or a fixed, unlearned ``d^-1/2`` on the output.
 """
 from __future__ import annotations
 
@@ -18,8 +22,13 @@ from torch import nn
 
 from .._fastpath import chunk_rows, eager_inference, grad_free
 from .._registry import register_mixer
+from ._common import query_index
 
-__all__ = ['LinearGlobalAttention', 'linear_attention', 'linear_attention_naive', 'split_heads']
+__all__ = ['LinearGlobalAttention', 'linear_attention', 'linear_attention_naive', 'split_heads',
+           'TEMPERATURE_PLACEMENTS']
+
+# Where the per-head temperature τ acts (see the module docstring); 'output' is the official model.
+TEMPERATURE_PLACEMENTS = ('output', 'key', 'fixed')
 
 def _accum_dtype(dtype: torch.dtype) -> torch.dtype:
     """Precision of the attention core: fp32 for half-precision inputs (Σ over N of kᵀv overflows fp16), else as is."""
@@ -156,6 +165,10 @@ class LinearGlobalAttention(nn.Module):
         attn_drop: Accepted for the shared mixer signature; linear attention forms no attention weights to drop.
         proj_drop: Dropout after the output projection.
         clamp_min: Lower bound on the denominator (100 in the official code).
+        temperature: Where τ acts: ``'output'`` (learnable, multiplies the numerator: the official model),
+            ``'key'`` (learnable, multiplies φ(k), so it also scales the denominator and matters only through the
+            clamp) or ``'fixed'`` (``d^-1/2`` on the numerator, a buffer that is not learned). All start at
+            ``d^-1/2`` and keep the state_dict key ``temperature``.
         window_size: Accepted for the shared mixer signature and ignored (the attention is global).
     """
     reference = staticmethod(linear_attention_naive)
@@ -169,6 +182,7 @@ class LinearGlobalAttention(nn.Module):
             attn_drop: float = 0.,
             proj_drop: float = 0.,
             clamp_min: float = 100.,
+            temperature: str = 'output',
             window_size: int | None = None,
             device=None,
             dtype=None,
@@ -178,13 +192,20 @@ class LinearGlobalAttention(nn.Module):
             raise ValueError(f'dim ({dim}) must be divisible by num_heads ({num_heads})')
         if not clamp_min > 0:
             raise ValueError(f'clamp_min must be > 0 (the denominator is clamped from below), got {clamp_min}')
+        if temperature not in TEMPERATURE_PLACEMENTS:
+            raise ValueError(f'temperature must be one of {TEMPERATURE_PLACEMENTS}, got {temperature!r}')
         dd = {'device': device, 'dtype': dtype}
         self.num_heads = num_heads
         self.head_dim = dim // num_heads
         self.clamp_min = float(clamp_min)
+        self.temperature_placement = temperature
 
         # registration order follows the official state_dict: temperature, qkv, proj
-        self.temperature = nn.Parameter(torch.full((num_heads, 1, 1), self.head_dim ** -0.5, **dd))
+        init = torch.full((num_heads, 1, 1), self.head_dim ** -0.5, **dd)
+        if temperature == 'fixed':
+            self.register_buffer('temperature', init)
+        else:
+            self.temperature = nn.Parameter(init)
         self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias, **dd)
         self.q_probe = nn.Identity()
         self.k_probe = nn.Identity()
@@ -192,7 +213,8 @@ class LinearGlobalAttention(nn.Module):
         self.proj_drop = nn.Dropout(proj_drop)
 
     def extra_repr(self) -> str:
-        return f'num_heads={self.num_heads}, clamp_min={self.clamp_min:g}'
+        extra = '' if self.temperature_placement == 'output' else f', temperature={self.temperature_placement}'
+        return f'num_heads={self.num_heads}, clamp_min={self.clamp_min:g}{extra}'
 
     def reset_parameters(self) -> None:
         """Reset the temperature to its initial value ``head_dim ** -0.5``."""
@@ -215,9 +237,13 @@ class LinearGlobalAttention(nn.Module):
         B, H, W, C = x.shape
         qkv = self.qkv(x.reshape(B, H * W, C))
         q, k, v = split_heads(qkv, self.num_heads)
+        temperature = self.temperature
+        if self.temperature_placement == 'key':
+            k = k * temperature.to(k.dtype)
+            temperature = torch.ones_like(temperature)
         q = self.q_probe(q)
         k = self.k_probe(k)
-        out = linear_attention(q, k, v, self.temperature, self.clamp_min)  # B, heads, N, d; heads-last memory
+        out = linear_attention(q, k, v, temperature, self.clamp_min)  # B, heads, N, d; heads-last memory
         out = out.transpose(1, 2).reshape(B, H, W, C).to(qkv.dtype)  # a view, and the projection's precision
         return self.proj_drop(self.proj(out))
 
@@ -234,7 +260,7 @@ class LinearGlobalAttention(nn.Module):
         B, H, W, C = x.shape
         N = H * W
         n = chunk_rows(3 * C, B * N, device=x.device) // B  # tokens of each image per chunk
-        if n == 0:
+        if n == 0 or self.temperature_placement == 'key':
             return None
         heads, d = self.num_heads, self.head_dim
         tokens = x.reshape(B, N, C)
@@ -273,3 +299,26 @@ class LinearGlobalAttention(nn.Module):
             else:
                 out[:, start:start + n] = y
         return out.view(B, H, W, C)
+
+    def attention_weights(self, x: torch.Tensor, queries: torch.Tensor | None = None) -> torch.Tensor:
+        """The mixing rows ``(B, heads, Q, N)`` of the given flat query tokens (None: all N), query-key first.
+
+        ``τ · φ(q_n)·φ(k_m) / max(Σ_m' φ(q_n)·φ(k_m'), clamp_min)`` with τ on the output (``'output'``, ``'fixed'``);
+        with ``temperature='key'`` the keys are ``τ·φ(k)`` (as the mixer scales them before ``k_probe``) and no
+        factor multiplies the rows. ``rows @ v`` per head, through ``proj``, is the mixer's output. Rows are
+        non-negative; they sum to τ (or 1), less where the clamp is active.
+
+        Args:
+            x: The mixer's input ``(B, H, W, C)``.
+            queries: 1-D integer tensor of row-major token indices, or None for every token.
+        """
+        B, H, W, C = x.shape
+        N = H * W
+        idx = query_index(queries, N, x.device)
+        q, k, _ = split_heads(self.qkv(x.reshape(B, N, C)), self.num_heads)
+        temperature = self.temperature.to(q.dtype)
+        if self.temperature_placement == 'key':
+            k = k * temperature
+            temperature = torch.ones_like(temperature)
+        scores = q[:, :, idx] @ k.transpose(-2, -1)  # B, heads, Q, N
+        return temperature * scores / scores.sum(dim=-1, keepdim=True).clamp(min=self.clamp_min)

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .._registry import register_mixer
-from ._common import autocast_device, check_divisible, conv1x1_to_linear, select_official
+from ._common import autocast_device, check_divisible, conv1x1_to_linear, query_index, select_official
 from ._rotary import apply_rotary, rala_rope_tables
 
 __all__ = [
@@ -160,6 +160,34 @@ class RankAugmentedLinearAttention(nn.Module):
         out = self._attend(self._heads(q), self._heads(k), self._heads(v), sin, cos)
         out = out.transpose(1, 2).reshape(B, H, W, C)
         return self.proj_drop(self.proj((out + lepe) * o))
+
+    def _rotary_tables(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The RoPE tables ``(sin, cos)`` ``(H·W, head_dim)`` of ``x``'s grid, in its dtype."""
+        sin, cos = rala_rope_tables(x.shape[1], x.shape[2], self.head_dim, x.device)
+        return sin.to(x.dtype), cos.to(x.dtype)
+
+    def attention_weights(self, x: torch.Tensor, queries: torch.Tensor | None = None) -> torch.Tensor:
+        """The RALA rows ``(B, heads, Q, N)`` of the given flat query tokens (None: all N).
+
+        The rows of :func:`rala_attention_weights` with the mixer's own φ(q) and re-weighted keys k' (whose softmax
+        re-weighting uses the mean of *all* queries): ``R(φ(q_n))·R(k'_m) / (N·(φ(q_n)·k̄' + 1e-6))``. RoPE makes
+        them signed, and they need not sum to one. LePE on V and the output gate are not part of them: the output
+        is ``proj((rows @ v + LePE(v)) ⊙ o)``.
+
+        Args:
+            x: The mixer's input ``(B, H, W, C)``.
+            queries: 1-D integer tensor of row-major token indices, or None for every token.
+        """
+        B, H, W, C = x.shape
+        N = H * W
+        idx = query_index(queries, N, x.device)
+        q, k, _, _ = self.qkvo(x).chunk(4, dim=-1)
+        sin, cos = self._rotary_tables(x)
+        q = F.elu(self._heads(q)) + 1
+        k = rala_reweight_keys(q, F.elu(self._heads(k)) + 1, self.scale)
+        q = q[:, :, idx]
+        num = apply_rotary(q, sin[idx], cos[idx]) @ apply_rotary(k, sin, cos).transpose(-2, -1)  # B, heads, Q, N
+        return num / (N * (q @ k.mean(dim=-2, keepdim=True).transpose(-2, -1) + 1e-6))
 
 
 def rala_from_official(state_dict: Mapping[str, torch.Tensor], prefix: str = '') -> dict[str, torch.Tensor]:

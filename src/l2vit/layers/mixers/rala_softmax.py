@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from timm.layers import use_fused_attn
 
 from .._registry import register_mixer
+from ._common import query_index
 from ._naive import softmax_attention_naive
 from ._rotary import apply_rotary
 from .rala import RankAugmentedLinearAttention
@@ -56,3 +57,21 @@ class RALASoftmaxAttention(RankAugmentedLinearAttention):
             return F.scaled_dot_product_attention(q, k, v, dropout_p=drop)
         attn = ((q * self.scale) @ k.transpose(-2, -1)).softmax(dim=-1)
         return F.dropout(attn, drop, self.training) @ v
+
+    def attention_weights(self, x: torch.Tensor, queries: torch.Tensor | None = None) -> torch.Tensor:
+        """Rows ``softmax(s · R(q_n)·R(k_m))`` ``(B, heads, Q, N)`` of the given flat query tokens (None: all N).
+
+        Non-negative, summing to one. LePE on V and the output gate are not part of them: the output is
+        ``proj((rows @ v + LePE(v)) ⊙ o)`` in eval mode (attention dropout is not applied).
+
+        Args:
+            x: The mixer's input ``(B, H, W, C)``.
+            queries: 1-D integer tensor of row-major token indices, or None for every token.
+        """
+        N = x.shape[1] * x.shape[2]
+        idx = query_index(queries, N, x.device)
+        q, k, _, _ = self.qkvo(x).chunk(4, dim=-1)
+        sin, cos = self._rotary_tables(x)
+        q = apply_rotary(self._heads(q)[:, :, idx], sin[idx], cos[idx])
+        k = apply_rotary(self._heads(k), sin, cos)
+        return ((q * self.scale) @ k.transpose(-2, -1)).softmax(dim=-1)

@@ -26,7 +26,7 @@ from timm.layers import register_notrace_function
 from torch import nn
 
 from .._registry import register_mixer
-from ._common import check_divisible, select_official
+from ._common import check_divisible, query_index, select_official
 from ._rotary import apply_rotary, rmt_rope_tables
 
 __all__ = [
@@ -185,6 +185,37 @@ class ManhattanSelfAttention(nn.Module):
         out = out.permute(0, 2, 3, 1, 4).reshape(B, H, W, C)
         return self.proj_drop(self.out_proj(out + lepe))
 
+    def _rotated_qk(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The forward's rotated q', scaled-and-rotated k' ``(B, heads, H, W, d)`` and ``log γ`` ``(heads,)``."""
+        H, W = x.shape[1], x.shape[2]
+        sin, cos = rmt_rope_tables(H, W, self.head_dim, x.device)
+        sin, cos = sin.to(x.dtype), cos.to(x.dtype)
+        q = apply_rotary(self._heads(self.q_proj(x)), sin, cos)
+        k = apply_rotary(self._heads(self.k_proj(x) * self.scaling), sin, cos)
+        log_decay = masa_log_decay(self.num_heads, self.initial_value, self.heads_range, x.device)
+        return q, k, log_decay.to(x.dtype)
+
+    def attention_weights(self, x: torch.Tensor, queries: torch.Tensor | None = None) -> torch.Tensor:
+        """Rows ``softmax_m(q'_n·k'_m + (|Δr| + |Δc|)·log γ_h)`` ``(B, heads, Q, N)`` of the given flat query
+        tokens (None: all N), the decay bias formed for those queries only.
+
+        Non-negative, summing to one. LePE on V is not part of them: the output is ``out_proj(rows @ v + LePE(v))``.
+
+        Args:
+            x: The mixer's input ``(B, H, W, C)``.
+            queries: 1-D integer tensor of row-major token indices, or None for every token.
+        """
+        B, H, W, C = x.shape
+        N = H * W
+        idx = query_index(queries, N, x.device)
+        q, k, log_decay = self._rotated_qk(x)
+        q = q.reshape(B, self.num_heads, N, self.head_dim)[:, :, idx]
+        k = k.reshape(B, self.num_heads, N, self.head_dim)
+        rows = torch.arange(H, device=x.device).repeat_interleave(W)
+        cols = torch.arange(W, device=x.device).repeat(H)
+        dist = (rows[idx, None] - rows[None, :]).abs() + (cols[idx, None] - cols[None, :]).abs()  # Q, N
+        return ((q @ k.transpose(-2, -1)) + dist.to(x.dtype) * log_decay[:, None, None]).softmax(dim=-1)
+
 
 @register_mixer('masa_decomposed', local=False)
 class DecomposedManhattanSelfAttention(ManhattanSelfAttention):
@@ -200,6 +231,34 @@ class DecomposedManhattanSelfAttention(ManhattanSelfAttention):
         if self.use_reference:
             return masa_decomposed_naive(q, k, v, mask_h, mask_w)
         return masa_decomposed(q, k, v, mask_h, mask_w)
+
+    def attention_weights(self, x: torch.Tensor, queries: torch.Tensor | None = None) -> torch.Tensor:
+        """The composite rows ``(B, heads, Q, N)`` of the two 1-D passes for the given flat query tokens (None: all).
+
+        The column pass mixes the row pass's outputs, so query (r, c) weighs key (r', c') by
+        ``A^col_c[r, r'] · A^row_r'[c, c']``: its column softmax over the tokens (r', c), times the row softmax of
+        each of those tokens over its own row. Rows are non-negative and sum to one; every key of the grid can get
+        weight. Per query this forms one H-long column row and H row rows of W (Q·N values per head). LePE on V is
+        not part of them: the output is ``out_proj(rows @ v + LePE(v))``.
+
+        Args:
+            x: The mixer's input ``(B, H, W, C)``.
+            queries: 1-D integer tensor of row-major token indices, or None for every token.
+        """
+        B, H, W, C = x.shape
+        idx = query_index(queries, H * W, x.device)
+        q, k, log_decay = self._rotated_qk(x)  # B, heads, H, W, d
+        r, c = idx // W, idx % W
+        index_h = torch.arange(H, device=x.device)
+        index_w = torch.arange(W, device=x.device)
+        # second pass: query (r, c) over the tokens (r', c) of its column
+        col_bias = (r[:, None] - index_h[None, :]).abs().to(x.dtype) * log_decay[:, None, None]  # heads, Q, H
+        attn_col = (torch.einsum('bhqd,bhrqd->bhqr', q[:, :, r, c], k[:, :, :, c]) + col_bias).softmax(dim=-1)
+        # first pass: each token (r', c) over the tokens (r', c') of its row
+        row_bias = (c[:, None] - index_w[None, :]).abs().to(x.dtype) * log_decay[:, None, None]  # heads, Q, W
+        logits_row = torch.einsum('bhrqd,bhrwd->bhqrw', q[:, :, :, c], k) + row_bias[:, :, None, :]
+        attn_row = logits_row.softmax(dim=-1)  # B, heads, Q, H, W
+        return (attn_col.unsqueeze(-1) * attn_row).reshape(B, self.num_heads, idx.numel(), H * W)
 
 
 def masa_from_official(state_dict: Mapping[str, torch.Tensor], prefix: str = '') -> dict[str, torch.Tensor]:

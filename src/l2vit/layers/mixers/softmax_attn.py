@@ -11,6 +11,7 @@ from timm.layers import use_fused_attn
 from torch import nn
 
 from .._registry import register_mixer
+from ._common import query_index
 from ._naive import softmax_attention_naive
 
 __all__ = ['GlobalSoftmaxAttention']
@@ -71,3 +72,20 @@ class GlobalSoftmaxAttention(nn.Module):
             out = attn @ v
         out = out.transpose(1, 2).reshape(B, H, W, C)
         return self.proj_drop(self.proj(out))
+
+    def attention_weights(self, x: torch.Tensor, queries: torch.Tensor | None = None) -> torch.Tensor:
+        """Rows ``softmax(q_n kᵀ · scale)`` ``(B, heads, Q, N)`` of the given flat query tokens (None: all N).
+
+        ``rows @ v`` per head, through ``proj``, is the mixer's output in eval mode (dropout is not applied).
+        Rows are non-negative and sum to one.
+
+        Args:
+            x: The mixer's input ``(B, H, W, C)``.
+            queries: 1-D integer tensor of row-major token indices, or None for every token.
+        """
+        B, H, W, C = x.shape
+        N = H * W
+        idx = query_index(queries, N, x.device)
+        qkv = self.qkv(x.reshape(B, N, C)).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        q, k, _ = qkv.unbind(0)
+        return ((q[:, :, idx] * self.scale) @ k.transpose(-2, -1)).softmax(dim=-1)

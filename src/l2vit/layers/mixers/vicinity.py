@@ -24,7 +24,7 @@ from torch import nn
 
 from .._registry import register_mixer
 from ..padding import pad_nchw_to_multiple
-from ._common import autocast_device, check_divisible, select_official
+from ._common import autocast_device, check_divisible, query_index, select_official
 
 __all__ = [
     'VicinityAttention', 'abs_clamp', 'vicinity_angles', 'vicinity_features', 'vicinity_kv',
@@ -209,6 +209,37 @@ class VicinityAttention(nn.Module):
         y = self._clamp(self.out_proj(out))
         y = self._clamp(y + y * gate)
         return self.proj_drop(y).reshape(B, H, W, C)
+
+    def attention_weights(self, x: torch.Tensor, queries: torch.Tensor | None = None) -> torch.Tensor:
+        """The vicinity rows ``(B, heads, Q, N)`` of the given flat query tokens (None: all N).
+
+        :func:`vicinity_attention_weights` of the mixer's own ReLU q, k, each row divided by its sum + 1e-4, as
+        :func:`vicinity_attention_naive` forms them: non-negative rows summing to one up to the 1e-4. The official
+        magnitude clamps (``abs_clamp``) act on the kv state, on each query's numerator and on its normaliser, not
+        on the rows: the output is ``rows @ v`` (then ``out_proj`` and the gate) exactly while those magnitudes stay
+        in [1e-4, 1e4], and a clamped approximation of it beyond.
+
+        Args:
+            x: The mixer's input ``(B, H, W, C)``.
+            queries: 1-D integer tensor of row-major token indices, or None for every token.
+
+        Raises:
+            NotImplementedError: With ``sr_ratio > 1`` the keys are strided-conv features of a reduced grid, not
+                tokens of the input map, so the rows would not be over its N tokens.
+        """
+        if self.sr is not None:
+            raise NotImplementedError(
+                f'vicinity attention with sr_ratio={self.sr_ratio} attends to keys of a {self.sr_ratio}x reduced grid '
+                f'(strided conv + LayerNorm), not to the H·W input tokens; no per-token rows are defined')
+        B, H, W, C = x.shape
+        N = H * W
+        idx = query_index(queries, N, x.device)
+        tokens = x.reshape(B, N, C)
+        q = self._heads(torch.relu(self.q_proj(tokens[:, idx])))
+        k = self._heads(torch.relu(self.k_proj(tokens)))
+        a, b = vicinity_angles(H, W, x.device)
+        attn = vicinity_attention_weights(q, k, a[idx], b[idx], a, b)
+        return attn / (attn.sum(dim=-1, keepdim=True) + 1e-4)
 
 
 def vicinity_from_official(state_dict: Mapping[str, torch.Tensor], prefix: str = '') -> dict[str, torch.Tensor]:

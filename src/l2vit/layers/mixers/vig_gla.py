@@ -28,7 +28,7 @@ from timm.layers import register_notrace_function
 from torch import nn
 
 from .._registry import register_mixer
-from ._common import autocast_device, check_divisible, select_official
+from ._common import autocast_device, check_divisible, query_index, select_official
 
 __all__ = [
     'BidirectionalGatedLinearAttention', 'gla_log_decay', 'gated_linear_attention_chunked',
@@ -239,6 +239,52 @@ class BidirectionalGatedLinearAttention(nn.Module):
         if self.use_out_act:
             y = F.silu(y)
         return self.proj_drop(self.o_proj(y)).reshape(B, H, W, C)
+
+    def attention_weights(self, x: torch.Tensor, queries: torch.Tensor | None = None) -> torch.Tensor:
+        """The decayed two-directional rows ``(B, heads, Q, N)`` of the given flat query tokens (None: all N).
+
+        With inclusive cumulative log decays ``F_t = Σ_{r≤t} λᶠ_r`` and exclusive ones ``E_t = Σ_{r<t} λᵇ_r``:
+
+            w_tu = ½ · s · Σ_i q_ti k_ui · ([u ≤ t]·exp(F_ti − F_ui) + [u ≥ t]·exp(E_ui − E_ti))
+
+        (halved again in eval mode with ``halve_in_eval``), so that ``o = w v`` per head is the mean of the two
+        scans (the token itself is in both). Rows are signed (q and k have no feature map) and have no normaliser.
+        The 3×3 conv that q, k, v, the decays and the gate are computed from, the RMSNorm of o (a positive per-row
+        factor and a per-channel weight) and the gated local path are not part of them: the output is
+        ``o_proj(RMSNorm(w v) ⊙ g + RMSNorm(ℓ) ⊙ (1 − g))``. One ``Q × N`` slice per key channel is formed at a
+        time.
+
+        Args:
+            x: The mixer's input ``(B, H, W, C)``.
+            queries: 1-D integer tensor of row-major token indices, or None for every token.
+        """
+        B, H, W, C = x.shape
+        N = H * W
+        idx = query_index(queries, N, x.device)
+        hk = self.head_k_dim
+        local = self.in_proj(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1).reshape(B, N, C)
+        q, k, _ = self.qkv_proj(local).split([self.key_dim, self.key_dim, C], dim=-1)
+        q = q[:, idx].reshape(B, -1, self.num_heads, hk).transpose(1, 2) * self.scale  # B, heads, Q, hk
+        k = k.reshape(B, N, self.num_heads, hk).transpose(1, 2)
+        g_fwd, g_bwd = gla_log_decay(self.gk_proj(local), self.gate_logit_normalizer).split(
+            [self.key_dim, self.key_dim], dim=-1)
+        cum_fwd = g_fwd.reshape(B, N, self.num_heads, hk).transpose(1, 2).cumsum(dim=2)  # F, inclusive
+        g_bwd = g_bwd.reshape(B, N, self.num_heads, hk).transpose(1, 2)
+        cum_bwd = g_bwd.cumsum(dim=2) - g_bwd  # E, exclusive
+        keys = torch.arange(N, device=x.device)
+        before = keys[None, :] <= idx[:, None]  # Q, N: keys the forward scan has seen
+        after = keys[None, :] >= idx[:, None]
+        weights = q.new_zeros(B, self.num_heads, idx.numel(), N)
+        for i in range(hk):
+            # exponents are <= 0 where the mask keeps them; the clamp keeps the discarded ones finite
+            fwd = (cum_fwd[:, :, idx, i, None] - cum_fwd[:, :, None, :, i]).clamp(max=0.).exp()
+            bwd = (cum_bwd[:, :, None, :, i] - cum_bwd[:, :, idx, i, None]).clamp(max=0.).exp()
+            decay = torch.where(before, fwd, 0.) + torch.where(after, bwd, 0.)
+            weights += q[:, :, :, i, None] * k[:, :, None, :, i] * decay
+        weights = weights / 2
+        if self.halve_in_eval and not self.training:
+            weights = weights / 2
+        return weights
 
 
 def vig_gla_from_official(state_dict: Mapping[str, torch.Tensor], prefix: str = '') -> dict[str, torch.Tensor]:

@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from .._registry import register_mixer
-from ._common import autocast_device, check_divisible, select_official
+from ._common import autocast_device, check_divisible, query_index, select_official
 
 __all__ = [
     'TaylorAttention', 'FakeQuantize', 'fake_quantize', 'taylor_lowrank_attention', 'taylor_lowrank_attention_naive',
@@ -181,6 +181,42 @@ class TaylorAttention(nn.Module):
         q, k, v = qkv.unbind(0)  # B, heads, N, d
         out = self.attn_drop(self._attend(q, k, v)).transpose(1, 2).reshape(B, N, C)
         return self.proj_drop(self.proj(out)).reshape(B, H, W, C)
+
+    def _quantize_without_update(self, t: torch.Tensor) -> torch.Tensor:
+        """What ``self.quant(t)`` returns, without updating its running buffers (batch statistics in training)."""
+        quant = self.quant
+        if quant.training:
+            zero_point = t.detach().min().reshape(1, 1, 1)
+            value_range = t.detach().max().reshape(1, 1, 1) - zero_point
+        else:
+            zero_point = quant.running_zero_point.to(t.dtype)
+            value_range = quant.running_range.to(t.dtype)
+        return fake_quantize(t, zero_point, value_range, quant.num_bits)
+
+    def attention_weights(self, x: torch.Tensor, queries: torch.Tensor | None = None) -> torch.Tensor:
+        """The Taylor rows ``(B, heads, Q, N)`` of the given flat query tokens (None: all N), as the code computes.
+
+        ``w_nm = s · (q_n·k̂_m + [A_nm > threshold]·A_nm)``, with k̂ the feature-centred keys and A the softmax of the
+        4-bit quantised q̃, k̃ (the sparse term only with ``sparse=True``): ``w v`` per head, through ``proj``, is the
+        mixer's output (attention dropout is not applied). Rows are signed and do not sum to one. The quantiser's
+        running statistics are read (eval) or the batch's taken (training) but never updated here.
+
+        Args:
+            x: The mixer's input ``(B, H, W, C)``.
+            queries: 1-D integer tensor of row-major token indices, or None for every token.
+        """
+        B, H, W, C = x.shape
+        N = H * W
+        idx = query_index(queries, N, x.device)
+        qkv = self.qkv(x.reshape(B, N, C)).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        q, k, _ = qkv.unbind(0)  # B, heads, N, d
+        weights = q[:, :, idx] @ (k - k.mean(dim=-1, keepdim=True)).transpose(-2, -1)
+        if self.sparse:
+            # the quantiser's batch statistics are those of all tokens, so quantise first, then pick the queries
+            q_quant = self._quantize_without_update(q)[:, :, idx]
+            weights = weights + vitality_sparse_weights(
+                q_quant, self._quantize_without_update(k), self.scale, self.sparse_threshold)
+        return weights * self.scale
 
 
 def vitality_from_official(state_dict: Mapping[str, torch.Tensor], prefix: str = '') -> dict[str, torch.Tensor]:
