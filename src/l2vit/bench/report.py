@@ -13,7 +13,7 @@ import math
 import os
 import tempfile
 from collections import defaultdict
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -69,12 +69,13 @@ def _clean(value: Any) -> Any:
     return value
 
 
-def write_results(out_dir: str | Path, environment: dict[str, Any], rows: Sequence[dict[str, Any]]) -> None:
-    """Write ``results.json`` and ``results.csv`` (environment header + one row per configuration)."""
+def write_results(out_dir: str | Path, environment: dict[str, Any], rows: Sequence[dict[str, Any]],
+                  name: str = 'results') -> None:
+    """Write ``<name>.json`` and ``<name>.csv`` (environment header + one row per configuration)."""
     out_dir = Path(out_dir)
     rows = [_clean(r) for r in rows]
     environment = _clean(environment)
-    write_text_atomic(out_dir / 'results.json', json.dumps({'environment': environment, 'rows': rows}, indent=1,
+    write_text_atomic(out_dir / f'{name}.json', json.dumps({'environment': environment, 'rows': rows}, indent=1,
                                                            allow_nan=False))
     buf = io.StringIO()
     for key, value in environment.items():
@@ -84,14 +85,14 @@ def write_results(out_dir: str | Path, environment: dict[str, Any], rows: Sequen
     writer.writeheader()
     for row in rows:
         writer.writerow({k: ('' if v is None else v) for k, v in row.items()})
-    write_text_atomic(out_dir / 'results.csv', buf.getvalue())
+    write_text_atomic(out_dir / f'{name}.csv', buf.getvalue())
 
 
-def read_results(path: str | Path) -> tuple[dict[str, Any], list[dict[str, Any]]]:
-    """Read a ``results.json`` (or the folder holding it): ``(environment, rows)``."""
+def read_results(path: str | Path, name: str = 'results') -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """Read a ``results.json`` (or the folder holding ``<name>.json``): ``(environment, rows)``."""
     path = Path(path)
     if path.is_dir():
-        path = path / 'results.json'
+        path = path / f'{name}.json'
     data = json.loads(path.read_text())
     if not isinstance(data, dict) or 'rows' not in data:
         raise ValueError(f'{path} is not an l2vit benchmark results file (expected {{"environment", "rows"}})')
@@ -125,14 +126,38 @@ def _ok(rows: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
     return [r for r in rows if r.get('status') == 'ok' and r.get('time_ms')]
 
 
-def plot_scaling(rows: Sequence[dict[str, Any]], out_dir: str | Path, environment: dict[str, Any] | None = None,
-                 ) -> list[Path]:
+def plot_scaling(
+        rows: Sequence[dict[str, Any]],
+        out_dir: str | Path,
+        environment: dict[str, Any] | None = None,
+        *,
+        series: str | Callable[[dict[str, Any]], str] = 'model',
+        x_label: str = 'pixels (H × W); hollow: non-square',
+        time_label: str = 'time per image (ms)',
+        prefix: str = 'scaling',
+        title: str | None = None,
+        top_slope: bool = False,
+) -> list[Path]:
     """One PNG per (mode, precision, batch, device): time per image and peak memory against pixels, log-log, with
-    each model's fitted slope in the legend (slope 1 = linear in pixels, 2 = quadratic). Returns the paths."""
+    each model's fitted slope in the legend (slope 1 = linear in pixels, 2 = quadratic). Returns the paths.
+
+    Args:
+        rows: Result rows (only ``'ok'`` ones are drawn).
+        out_dir: Folder for the PNGs, named ``<prefix>_<mode>_<dtype>..._<device>.png``.
+        environment: The run's environment (its ``device_name`` goes into the title).
+        series: The row key (or a function of the row) naming the line a row belongs to.
+        x_label: Label of the x axis (the ``pixels`` field: H × W of the input, tokens for a mixer).
+        time_label: Label of the time axis (time per batch element).
+        prefix: File-name prefix.
+        title: Put before each plot's title.
+        top_slope: Also give, for lines of 3 points or more, the slope between the two largest sizes (closer to
+            the asymptotic order where fixed overheads flatten the small sizes).
+    """
     import matplotlib
     matplotlib.use('Agg')
     import matplotlib.pyplot as plt
     from matplotlib.ticker import FuncFormatter
+    name_of = series if callable(series) else (lambda r: r[series])
     groups: dict[tuple, list[dict[str, Any]]] = defaultdict(list)
     for r in _ok(rows):
         groups[_group_key(r)].append(r)
@@ -140,36 +165,43 @@ def plot_scaling(rows: Sequence[dict[str, Any]], out_dir: str | Path, environmen
     for key, group in groups.items():
         if len({r['pixels'] for r in group}) < 2:
             continue  # one size: nothing to scale
-        fig, axes = plt.subplots(1, 2, figsize=(12, 4.8))
-        for model in dict.fromkeys(r['model'] for r in group):
+        lines = list(dict.fromkeys(name_of(r) for r in group))
+        many = len(lines) > 10  # past the colour cycle: vary the line style too, shrink the legend
+        fig, axes = plt.subplots(1, 2, figsize=(14, 6) if many else (12, 4.8))
+        for i, line_name in enumerate(lines):
             pts = sorted((r['pixels'], r['time_ms'] / r['batch'], r.get('peak_mib'), r['height'] != r['width'])
-                         for r in group if r['model'] == model)
+                         for r in group if name_of(r) == line_name)
             for ax, col in ((axes[0], 1), (axes[1], 2)):
                 valid = [(p[0], p[col], p[3]) for p in pts if p[col]]
                 if not valid:
                     continue
                 slope = fit_slope([v[0] for v in valid], [v[1] for v in valid])
-                label = model + (f'  (slope {slope:.2f})' if slope is not None else '')
-                line, = ax.plot([v[0] for v in valid], [v[1] for v in valid], marker='o', label=label)
+                label = line_name + (f'  (slope {slope:.2f}' if slope is not None else '')
+                if slope is not None and top_slope and len(valid) > 2:
+                    top = fit_slope([v[0] for v in valid[-2:]], [v[1] for v in valid[-2:]])
+                    label += f'; top {top:.2f}' if top is not None else ''
+                label += ')' if slope is not None else ''
+                line, = ax.plot([v[0] for v in valid], [v[1] for v in valid], marker='o', label=label,
+                                linestyle=('-', '--', '-.')[i // 10 % 3])
                 odd = [v for v in valid if v[2]]
                 if odd:  # non-square sizes: hollow markers on the same line
                     ax.plot([v[0] for v in odd], [v[1] for v in odd], linestyle='none', marker='o', markersize=9,
                             markerfacecolor='white', color=line.get_color())
-        for ax, ylabel in ((axes[0], 'time per image (ms)'), (axes[1], 'peak memory (MiB)')):
+        for ax, ylabel in ((axes[0], time_label), (axes[1], 'peak memory (MiB)')):
             ax.set_xscale('log')
             ax.set_yscale('log')
             _slope_guides(ax)
             ax.yaxis.set_major_formatter(FuncFormatter(_tick_label))
             ax.yaxis.set_minor_formatter(FuncFormatter(_tick_label))
-            ax.set_xlabel('pixels (H × W); hollow: non-square')
+            ax.set_xlabel(x_label)
             ax.set_ylabel(ylabel)
             ax.grid(True, which='both', alpha=0.3)
-            ax.legend(fontsize=8)
+            ax.legend(fontsize=7 if many else 8)
         device = (environment or {}).get('device_name', key[4])
-        fig.suptitle(f'{_group_title(key)} — {device}', fontsize=10)
+        fig.suptitle(f'{title + ": " if title else ""}{_group_title(key)} — {device}', fontsize=10)
         fig.tight_layout()
         mode, dtype, cast, batch, dev, compiled, cl = key
-        name = f'scaling_{mode}_{dtype}{"" if dtype == "fp32" else "_" + cast}_b{batch}_{dev.replace(":", "")}'
+        name = f'{prefix}_{mode}_{dtype}{"" if dtype == "fp32" else "_" + cast}_b{batch}_{dev.replace(":", "")}'
         name += ('_compiled' if compiled else '') + ('_cl' if cl else '') + '.png'
         path = Path(out_dir) / name
         path.parent.mkdir(parents=True, exist_ok=True)

@@ -1,8 +1,12 @@
-"""Run benchmark configurations: one model, input size, batch, mode and precision each.
+"""Run benchmark configurations: one model (or token mixer), input size, batch, mode and precision each.
 
 On CPU every configuration runs in a fresh Python process (``python -m l2vit.bench.runner CONFIG_JSON``), so its
 peak RSS is its own and a crash, an out-of-memory kill or a hang costs one row, not the sweep. On CUDA they run in
 this process; the allocator's peak statistics are exact per call, and out-of-memory errors are caught.
+
+A configuration's workload is a timm model on ``(B, 3, H, W)`` images (``kind='model'``, optionally an L²ViT with
+another ``global_mixer``) or one registered token mixer alone on ``(B, H, W, dim)`` tokens (``kind='mixer'``, see
+:mod:`l2vit.bench.mixers`).
 """
 from __future__ import annotations
 
@@ -20,11 +24,12 @@ from typing import Any
 
 import torch
 
-__all__ = ['BenchConfig', 'run_config', 'run_sweep', 'model_cost', 'DTYPES', 'STATUS_OK']
+__all__ = ['BenchConfig', 'run_config', 'run_sweep', 'model_cost', 'config_cost', 'DTYPES', 'KINDS', 'STATUS_OK']
 
 DTYPES = {'fp32': torch.float32, 'bf16': torch.bfloat16, 'fp16': torch.float16}
 MODES = ('infer', 'train')
 CASTS = ('autocast', 'model', 'none')
+KINDS = ('model', 'mixer')
 STATUS_OK = 'ok'
 _RESULT_TAG = 'L2VIT_BENCH_RESULT '
 _MIB = 2 ** 20
@@ -35,9 +40,10 @@ class BenchConfig:
     """One benchmark configuration.
 
     Attributes:
-        model: timm model name (``import l2vit`` registers ours).
-        height: Input height.
-        width: Input width.
+        model: timm model name (``import l2vit`` registers ours), or for ``kind='mixer'`` a registered token mixer
+            name (``l2vit.layers.list_mixers()``).
+        height: Input height (pixels; tokens for a mixer).
+        width: Input width (pixels; tokens for a mixer).
         batch: Batch size.
         mode: ``'infer'`` (forward under ``torch.inference_mode``) or ``'train'`` (forward, cross-entropy backward
             and an AdamW step).
@@ -53,6 +59,12 @@ class BenchConfig:
         min_time: Fewest seconds of timed calls.
         max_time: No timed call starts after this many seconds once ``min_reps`` are done.
         memory: Measure the peak memory of the first call.
+        kind: ``'model'`` (images into a timm model) or ``'mixer'`` (``(B, height, width, dim)`` tokens into one
+            token mixer).
+        global_mixer: For ``kind='model'``: passed to ``timm.create_model`` as ``global_mixer`` (an L²ViT with this
+            mixer in its global blocks); None builds the model as registered.
+        dim: For ``kind='mixer'``: token width (default 64).
+        heads: For ``kind='mixer'``: attention heads (default 2).
     """
     model: str
     height: int
@@ -70,8 +82,28 @@ class BenchConfig:
     min_time: float = 2.0
     max_time: float = 60.0
     memory: bool = True
+    kind: str = 'model'
+    global_mixer: str | None = None
+    dim: int | None = None
+    heads: int | None = None
 
     def __post_init__(self):
+        if self.kind not in KINDS:
+            raise ValueError(f"kind must be one of {KINDS}, got '{self.kind}'")
+        if self.kind == 'mixer':
+            # frozen dataclass: fill the mixer defaults in place
+            object.__setattr__(self, 'dim', 64 if self.dim is None else self.dim)
+            object.__setattr__(self, 'heads', 2 if self.heads is None else self.heads)
+            if min(self.dim, self.heads) < 1:
+                raise ValueError(f'dim and heads must be positive, got {self.dim}, {self.heads}')
+            if self.global_mixer is not None:
+                raise ValueError("global_mixer applies to kind 'model' only (a mixer config names its mixer in "
+                                 "'model')")
+            if self.channels_last:
+                raise ValueError("channels_last applies to kind 'model' only (mixer inputs are (B, H, W, C))")
+        elif self.dim is not None or self.heads is not None:
+            raise ValueError(f"dim and heads apply to kind 'mixer' only, got dim={self.dim}, heads={self.heads} "
+                             f"for kind 'model'")
         if self.mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got '{self.mode}'")
         if self.dtype not in DTYPES:
@@ -88,7 +120,15 @@ class BenchConfig:
     def label(self) -> str:
         prec = self.dtype if self.dtype == 'fp32' else f'{self.dtype}-{self.cast}'
         extra = ''.join([' compiled' if self.compile else '', ' channels-last' if self.channels_last else ''])
-        return f'{self.model} {self.height}x{self.width} b{self.batch} {self.mode} {prec} {self.device}{extra}'
+        if self.kind == 'mixer':
+            name = f'mixer {self.model} d{self.dim}h{self.heads}'
+        else:
+            name = self.model if self.global_mixer is None else f'{self.model}[{self.global_mixer}]'
+        return f'{name} {self.height}x{self.width} b{self.batch} {self.mode} {prec} {self.device}{extra}'
+
+    def model_kwargs(self) -> dict[str, Any]:
+        """Keyword arguments for ``timm.create_model`` beyond the input size (``kind='model'``)."""
+        return {} if self.global_mixer is None else {'global_mixer': self.global_mixer}
 
 
 class Unsupported(Exception):
@@ -125,22 +165,58 @@ def create_model(name: str, height: int, width: int, **kwargs) -> torch.nn.Modul
         raise
 
 
-def model_cost(name: str, height: int, width: int) -> tuple[float | None, float | None]:
-    """``(GMACs per image, parameters in millions)`` counted on the meta device; Nones where counting fails."""
-    from .macs import count_macs
+def model_cost(name: str, height: int, width: int, **kwargs) -> tuple[float | None, float | None]:
+    """``(GMACs per image, parameters in millions)`` counted on the meta device; Nones where counting fails.
+
+    ``kwargs`` go to ``timm.create_model`` (e.g. ``global_mixer``)."""
     try:
-        model = create_model(name, height, width, device='meta')
+        model = create_model(name, height, width, device='meta', **kwargs)
     except Exception:  # noqa: BLE001 (a model that cannot be built here is reported by its run)
         return None, None
-    params = sum(p.numel() for p in model.parameters()) / 1e6
+    return module_cost(model, (3, height, width))
+
+
+def module_cost(module: torch.nn.Module, input_size: tuple[int, ...]) -> tuple[float | None, float | None]:
+    """``(GMACs per input, parameters in millions)`` of ``module`` (on the meta device) for one input of
+    ``input_size`` (batch dimension excluded); GMACs is None where counting fails."""
+    from .macs import count_macs
+    params = sum(p.numel() for p in module.parameters()) / 1e6
     try:
-        macs = count_macs(model, (3, height, width)).total / 1e9
+        macs = count_macs(module, input_size).total / 1e9
     except Exception:  # noqa: BLE001 (some ops have no meta kernel; MACs are then left blank)
         macs = None
     return macs, params
 
 
-def _step_fn(cfg: BenchConfig, model: torch.nn.Module, x: torch.Tensor) -> Callable[[], object]:
+def config_cost(cfg: BenchConfig) -> tuple[float | None, float | None]:
+    """``(GMACs per input, parameters in millions)`` of the workload of ``cfg`` (model or mixer)."""
+    if cfg.kind == 'mixer':
+        from .mixers import mixer_cost
+        return mixer_cost(cfg.model, cfg.height, cfg.width, cfg.dim, cfg.heads)
+    return model_cost(cfg.model, cfg.height, cfg.width, **cfg.model_kwargs())
+
+
+def _cost_key(cfg: BenchConfig) -> tuple:
+    return cfg.kind, cfg.model, cfg.height, cfg.width, cfg.global_mixer, cfg.dim, cfg.heads
+
+
+def _workload(cfg: BenchConfig, device: torch.device
+              ) -> tuple[torch.nn.Module, torch.Tensor, Callable[[torch.Tensor], torch.Tensor]]:
+    """``(module, input, training loss of its output)`` for ``cfg``, on ``device``."""
+    if cfg.kind == 'mixer':
+        from .mixers import mixer_workload
+        return mixer_workload(cfg, device)
+    model = create_model(cfg.model, cfg.height, cfg.width, **cfg.model_kwargs()).to(device)
+    x = torch.randn(cfg.batch, 3, cfg.height, cfg.width, device=device)
+    target = torch.randint(0, 1000, (cfg.batch,), device=device)
+
+    def loss(logits: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.cross_entropy(logits.float(), target % logits.shape[-1])
+    return model, x, loss
+
+
+def _step_fn(cfg: BenchConfig, model: torch.nn.Module, x: torch.Tensor,
+             loss_fn: Callable[[torch.Tensor], torch.Tensor]) -> Callable[[], object]:
     device = torch.device(cfg.device)
     amp = cfg.dtype != 'fp32' and cfg.cast == 'autocast'
 
@@ -159,13 +235,12 @@ def _step_fn(cfg: BenchConfig, model: torch.nn.Module, x: torch.Tensor) -> Calla
 
     model.train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
-    target = torch.randint(0, 1000, (x.shape[0],), device=device)
 
     def train_step():
         optimizer.zero_grad(set_to_none=True)
         with autocast():
-            logits = model(x)
-        loss = torch.nn.functional.cross_entropy(logits.float(), target % logits.shape[-1])
+            out = model(x)
+        loss = loss_fn(out)
         loss.backward()
         optimizer.step()
         return loss
@@ -183,8 +258,7 @@ def run_config(cfg: BenchConfig) -> dict[str, Any]:
     device = torch.device(cfg.device)
     try:
         torch.manual_seed(0)
-        model = create_model(cfg.model, cfg.height, cfg.width).to(device)
-        x = torch.randn(cfg.batch, 3, cfg.height, cfg.width, device=device)
+        model, x, loss_fn = _workload(cfg, device)
         if cfg.channels_last:
             model = model.to(memory_format=torch.channels_last)
             x = x.contiguous(memory_format=torch.channels_last)
@@ -192,7 +266,7 @@ def run_config(cfg: BenchConfig) -> dict[str, Any]:
             model, x = model.to(DTYPES[cfg.dtype]), x.to(DTYPES[cfg.dtype])
         if cfg.compile:
             model = torch.compile(model)
-        fn = _step_fn(cfg, model, x)
+        fn = _step_fn(cfg, model, x, loss_fn)
         if cfg.memory:
             try:
                 mem = measure_peak_memory(fn, device)
@@ -221,12 +295,19 @@ def run_config(cfg: BenchConfig) -> dict[str, Any]:
     return row
 
 
-def _run_isolated(cfg: BenchConfig, timeout: float) -> dict[str, Any]:
-    """Run ``cfg`` in a fresh Python process; a kill (out of memory), crash or timeout becomes a row."""
+def _run_isolated(cfg: BenchConfig, timeout: float, memory_limit_mib: float | None = None) -> dict[str, Any]:
+    """Run ``cfg`` in a fresh Python process; a kill (out of memory), crash or timeout becomes a row.
+
+    ``memory_limit_mib`` makes the child cap its own data memory (``RLIMIT_DATA``: heap and private mappings, where
+    tensors live) once it has started, so an allocation past it fails in the child and is recorded as ``'oom'``
+    instead of driving the machine into its out-of-memory killer, which may pick another process.
+    """
     env = dict(os.environ)
     if cfg.threads:
         env.update(OMP_NUM_THREADS=str(cfg.threads), MKL_NUM_THREADS=str(cfg.threads))
     cmd = [sys.executable, '-m', 'l2vit.bench.runner', json.dumps(dataclasses.asdict(cfg))]
+    if memory_limit_mib:
+        cmd.append(str(int(memory_limit_mib * _MIB)))
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
     except subprocess.TimeoutExpired:
@@ -245,6 +326,8 @@ def run_sweep(
         isolate: bool | None = None,
         timeout: float = 900.,
         on_result: Callable[[dict[str, Any]], None] | None = None,
+        skip: Callable[[BenchConfig, list[dict[str, Any]]], str | None] | None = None,
+        memory_limit_mib: float | None = None,
 ) -> list[dict[str, Any]]:
     """Run ``configs`` one after another and return their rows (config fields, cost, timing, memory, status).
 
@@ -253,17 +336,27 @@ def run_sweep(
         isolate: One fresh process per configuration (default: on CPU, where peak RSS needs it).
         timeout: Seconds an isolated configuration may take before it is recorded as ``'timeout'``.
         on_result: Called with each row as soon as it exists (progress output, incremental saving).
+        skip: Called with each configuration and the rows so far before it runs; a returned reason records the
+            configuration as ``'skipped'`` (with that reason) without running it (e.g.
+            :class:`l2vit.bench.mixers.ScalingGuard`).
+        memory_limit_mib: Data-memory cap of each isolated configuration (see ``_run_isolated``); None: no cap.
     """
-    rows = []
-    costs: dict[tuple[str, int, int], tuple[float | None, float | None]] = {}
+    rows: list[dict[str, Any]] = []
+    costs: dict[tuple, tuple[float | None, float | None]] = {}
     for cfg in configs:
-        key = (cfg.model, cfg.height, cfg.width)
+        key = _cost_key(cfg)
         if key not in costs:
-            costs[key] = model_cost(*key)
+            costs[key] = config_cost(cfg)
         gmacs, params = costs[key]
         use_subprocess = isolate if isolate is not None else torch.device(cfg.device).type == 'cpu'
         start = time.perf_counter()
-        result = _run_isolated(cfg, timeout) if use_subprocess else run_config(cfg)
+        reason = skip(cfg, rows) if skip is not None else None
+        if reason:
+            result: dict[str, Any] = {'status': 'skipped', 'error': reason}
+        elif use_subprocess:
+            result = _run_isolated(cfg, timeout, memory_limit_mib)
+        else:
+            result = run_config(cfg)
         row = {
             **dataclasses.asdict(cfg),
             'pixels': cfg.height * cfg.width,
@@ -272,6 +365,8 @@ def run_sweep(
             **result,
             'wall_s': time.perf_counter() - start,
         }
+        if cfg.kind == 'mixer':
+            row['tokens'] = cfg.height * cfg.width
         if row['status'] == STATUS_OK and gmacs and cfg.mode == 'infer':
             row['gflops'] = 2 * gmacs * cfg.batch / (row['time_ms'] / 1e3)
         rows.append(row)
@@ -281,7 +376,12 @@ def run_sweep(
 
 
 def _worker_main(argv: list[str]) -> int:
+    """``CONFIG_JSON [DATA_LIMIT_BYTES]``: run one configuration and print its row as one tagged JSON line."""
     cfg = BenchConfig(**json.loads(argv[0]))
+    if len(argv) > 1:  # later allocations past the cap fail here (recorded as 'oom'), not in the OOM killer
+        import resource  # POSIX only, as is the cap
+        limit = int(argv[1])
+        resource.setrlimit(resource.RLIMIT_DATA, (limit, limit))
     result = run_config(cfg)
     for key, value in result.items():  # JSON has no NaN/inf
         if isinstance(value, float) and not math.isfinite(value):

@@ -9,10 +9,18 @@ run a configuration (fixed input size, out of memory, timeout, error) gets a row
 Writes OUT/results.json, OUT/results.csv (environment header + rows), OUT/scaling_*.png (log-log time and memory
 against pixels with fitted slopes) and OUT/results.md (tables, and the project's targets where the run covers them).
 
+With --mixers it benchmarks token mixers instead of models: each mixer alone (dim --mixer-dim, --mixer-heads heads)
+on square token grids (--tokens: grid sides), then --backbone (l2vit_tiny) with each mixer as its global mixer at
+--backbone-sizes. A size whose time or memory, extrapolated from the mixer's smaller sizes, would pass --timeout or
+the memory cap is recorded as skipped; each CPU process's data memory is capped (--memory-limit), so a
+misjudged one ends as oom. Writes OUT/mixers.json, OUT/mixers.csv, OUT/mixers_*.png (log-log time and memory
+against tokens or pixels, with fitted slopes per mixer) and OUT/mixers.md (slopes per mixer, then every cell).
+
 Examples:
   l2vit bench --sizes 224 512 1024 --batch-sizes 1
   l2vit bench --models l2vit_tiny swin_tiny_patch4_window7_224 --sizes 224 --batch-sizes 16 --dtypes fp32 bf16
   l2vit bench --suite benchmarks/suites/cpu.yaml --out benchmarks/results/cpu
+  l2vit bench --mixers all --tokens 14 28 56 112 256 --backbone-sizes 224 448 896 --threads 2 --out mixer-results
 """
 from __future__ import annotations
 
@@ -24,7 +32,10 @@ from typing import Any
 
 DEFAULT_MODELS = ('l2vit_tiny', 'swin_tiny_patch4_window7_224', 'convnext_tiny', 'deit_small_patch16_224')
 DEFAULT_SIZES = ('224', '384', '512', '768', '1024')
+DEFAULT_TOKENS = ('14', '28', '56', '112', '256')
+DEFAULT_BACKBONE_SIZES = ('224', '448', '896')
 _SWEEP_KEYS = ('models', 'sizes', 'batch_sizes', 'modes', 'dtypes', 'casts')
+_MIXER_KEYS = ('mixers', 'mixer_dim', 'mixer_heads', 'tokens', 'backbone', 'backbone_sizes')
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -65,6 +76,23 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument('--checkpoint', default=None, help='weights file for --check-precision (default: random weights)')
     p.add_argument('--no-plot', dest='plot', action='store_false', default=None, help='skip the PNG plots')
     p.add_argument('--out', default=None, help='output folder (default: bench-results)')
+    p.add_argument('--memory-limit', type=float, default=None, metavar='MIB',
+                   help='cap each CPU configuration process\'s data memory at this many MiB: an allocation past it '
+                        'is recorded as oom (default: none; with --mixers 80%% of the memory available at the start)')
+    mix = p.add_argument_group('mixer benchmark (replaces the model sweep)')
+    mix.add_argument('--mixers', nargs='+', default=None, metavar='NAME',
+                     help="token mixers to benchmark alone and inside --backbone ('all': every registered global "
+                          "mixer and 'window' for reference)")
+    mix.add_argument('--mixer-dim', type=int, default=None, help='token width of the mixers alone (default: 64)')
+    mix.add_argument('--mixer-heads', type=int, default=None, help='heads of the mixers alone (default: 2)')
+    mix.add_argument('--tokens', nargs='*', default=None, metavar='S|HxW',
+                     help=f'token grids of the mixers alone, a side S (S×S tokens) or HxW; none: skip the mixers '
+                          f'alone (default: {" ".join(DEFAULT_TOKENS)})')
+    mix.add_argument('--backbone', default=None,
+                     help='model built with each mixer as its global_mixer (default: l2vit_tiny)')
+    mix.add_argument('--backbone-sizes', nargs='*', default=None, metavar='S|HxW',
+                     help=f'image sizes of the backbone; none: skip the backbone '
+                          f'(default: {" ".join(DEFAULT_BACKBONE_SIZES)})')
     p.set_defaults(run=run)
 
 
@@ -90,8 +118,9 @@ def _load_suite(path: str) -> dict[str, Any]:
     suite = yaml.safe_load(suite_path.read_text()) or {}
     if not isinstance(suite, dict):
         raise ValueError(f'{path}: a suite must be a mapping of settings, got {type(suite).__name__}')
-    known = {'name', 'sweeps', *_SWEEP_KEYS, 'device', 'threads', 'compile', 'channels_last', 'warmup', 'min_reps',
-             'min_time', 'max_time', 'timeout', 'memory', 'gemm', 'check_precision', 'checkpoint', 'plot', 'out'}
+    known = {'name', 'sweeps', *_SWEEP_KEYS, *_MIXER_KEYS, 'device', 'threads', 'compile', 'channels_last', 'warmup',
+             'min_reps', 'min_time', 'max_time', 'timeout', 'memory', 'gemm', 'check_precision', 'checkpoint', 'plot',
+             'out', 'memory_limit'}
     unknown = set(suite) - known
     for sweep in suite.get('sweeps', []):
         unknown |= set(sweep) - set(_SWEEP_KEYS) - {'name'}
@@ -107,11 +136,23 @@ def _settings(args: argparse.Namespace) -> tuple[dict[str, Any], list[dict[str, 
         models=list(DEFAULT_MODELS), sizes=list(DEFAULT_SIZES), batch_sizes=[1], modes=['infer'], dtypes=['fp32'],
         casts=['autocast'], device='cuda' if torch.cuda.is_available() else 'cpu', threads=None, compile=False,
         channels_last=False, warmup=2, min_reps=5, min_time=2.0, max_time=60.0, timeout=900.0, memory=True,
-        gemm=True, check_precision=None, checkpoint=None, plot=True, out='bench-results')
+        gemm=True, check_precision=None, checkpoint=None, plot=True, out='bench-results', memory_limit=None,
+        mixers=None, mixer_dim=64, mixer_heads=2, tokens=list(DEFAULT_TOKENS), backbone='l2vit_tiny',
+        backbone_sizes=list(DEFAULT_BACKBONE_SIZES))
     suite = _load_suite(args.suite) if args.suite else {}
     settings.update({k: v for k, v in suite.items() if k != 'sweeps'})
     cli = {k: v for k, v in vars(args).items() if k in settings and v is not None}
     settings.update(cli)
+    if settings['mixers']:
+        model_keys = sorted({k for k in ('models', 'sizes', 'sweeps') if k in suite or k in cli})
+        if model_keys:
+            raise ValueError(f'{", ".join(model_keys)} belong to the model sweep, which --mixers replaces; give the '
+                             f'mixer benchmark --tokens, --backbone and --backbone-sizes instead')
+        if settings['channels_last']:
+            raise ValueError('--channels-last does not apply to --mixers (mixer inputs are (B, H, W, C) tokens)')
+    elif any(k in cli or k in suite for k in _MIXER_KEYS):
+        given = sorted(k for k in _MIXER_KEYS if k in cli or k in suite)
+        raise ValueError(f'{", ".join(given)} belong to the mixer benchmark: give --mixers too')
     if settings['check_precision'] == []:
         settings['check_precision'] = ['l2vit_tiny']
     base = {k: settings[k] for k in _SWEEP_KEYS}
@@ -143,6 +184,24 @@ def _configs(settings: dict[str, Any], sweeps: list[dict[str, Any]]):
                     yield cfg
 
 
+def _mixer_configs(settings: dict[str, Any]):
+    from ..bench.mixers import mixer_sweep, resolve_mixers
+    mixers = resolve_mixers(settings['mixers'])
+    grids = [parse_size(s) for s in settings['tokens']]
+    sizes = [parse_size(s) for s in settings['backbone_sizes']]
+    common = {k: settings[k] for k in ('device', 'threads', 'compile', 'warmup', 'min_reps', 'min_time', 'max_time',
+                                       'memory')}
+    seen = set()
+    for batch, mode, dtype in itertools.product(settings['batch_sizes'], settings['modes'], settings['dtypes']):
+        for cast in (['none'] if dtype == 'fp32' else settings['casts']):
+            for cfg in mixer_sweep(mixers, grids, settings['mixer_dim'], settings['mixer_heads'],
+                                   settings['backbone'], sizes, batch=batch, mode=mode, dtype=dtype, cast=cast,
+                                   **common):
+                if cfg not in seen:
+                    seen.add(cfg)
+                    yield cfg
+
+
 def _progress(row: dict[str, Any]) -> None:
     from ..bench.runner import BenchConfig
     fields = {k: row[k] for k in BenchConfig.__dataclass_fields__}
@@ -150,7 +209,8 @@ def _progress(row: dict[str, Any]) -> None:
     if row['status'] == 'ok':
         spread = row['time_q75_ms'] - row['time_q25_ms']
         mem = f'{row["peak_mib"]:8.0f} MiB' if row.get('peak_mib') is not None else '       — MiB'
-        print(f'{label:<62} {row["time_ms"]:10.1f} ms ±{spread:7.1f} {row["img_per_s"]:9.2f} img/s {mem}',
+        unit = 'in/s ' if row.get('kind') == 'mixer' else 'img/s'  # mixers: token maps per second
+        print(f'{label:<62} {row["time_ms"]:10.1f} ms ±{spread:7.1f} {row["img_per_s"]:9.2f} {unit} {mem}',
               flush=True)
     else:
         print(f'{label:<62} {row["status"]}: {row["error"][:100]}', flush=True)
@@ -165,9 +225,11 @@ def run(args: argparse.Namespace) -> int:
     from ..bench.runner import DTYPES, run_sweep
     from ..bench.targets import evaluate_targets, format_targets
     settings, sweeps = _settings(args)
-    configs = list(_configs(settings, sweeps))
+    mixers = bool(settings['mixers'])
+    configs = list(_mixer_configs(settings) if mixers else _configs(settings, sweeps))
     if not configs:
-        raise ValueError('nothing to run: the sweep has no models, sizes or batch sizes')
+        raise ValueError('nothing to run: the sweep has no models, sizes or batch sizes' if not mixers else
+                         'nothing to run: the mixer benchmark has no --tokens, --backbone-sizes or batch sizes')
     device = settings['device']
     if torch.device(device).type == 'cuda' and not torch.cuda.is_available():
         raise ValueError(f"device '{device}' requested but CUDA is not available")
@@ -192,6 +254,8 @@ def run(args: argparse.Namespace) -> int:
                 print(f'precision {model} bf16 {cast}: top-1 agreement {rep.top1_agreement:.3f} on {rep.images} '
                       f'photos ({rep.weights} weights; {rep.decisive_images} decisive: {rep.decisive_agreement}), '
                       f'max |Δlogit| {rep.max_abs_error:.3g}', flush=True)
+    if mixers:
+        return _run_mixers(settings, configs, env, out)
     rows: list[dict[str, Any]] = []
 
     def on_result(row):
@@ -199,7 +263,7 @@ def run(args: argparse.Namespace) -> int:
         _progress(row)
         write_results(out, env, rows)  # after every row: an interrupted sweep keeps what it measured
 
-    run_sweep(configs, timeout=settings['timeout'], on_result=on_result)
+    run_sweep(configs, timeout=settings['timeout'], on_result=on_result, memory_limit_mib=settings['memory_limit'])
     plots = plot_scaling(rows, out, env) if settings['plot'] else []
     targets = evaluate_targets(rows, env)
     if all(t.value is None for t in targets):
@@ -212,7 +276,38 @@ def run(args: argparse.Namespace) -> int:
     print(f'wrote {out / "results.csv"}, results.json, results.md' + (f' and {len(plots)} plot(s)' if plots else ''))
     if targets:
         print(format_targets(targets))
-    failed = [r for r in rows if r['status'] not in ('ok', 'unsupported', 'oom', 'timeout')]
+    _report_failures(rows, 'results.csv')
+    return 0
+
+
+def _report_failures(rows: list[dict[str, Any]], where: str) -> None:
+    failed = [r for r in rows if r['status'] not in ('ok', 'unsupported', 'oom', 'timeout', 'skipped')]
     if failed:
-        print(f'{len(failed)} configuration(s) failed with errors; see results.csv', file=sys.stderr)
+        print(f'{len(failed)} configuration(s) failed with errors; see {where}', file=sys.stderr)
+
+
+def _run_mixers(settings: dict[str, Any], configs: list, env: dict[str, Any], out: Path) -> int:
+    """The mixer benchmark: run ``configs`` (mixers alone, then the backbone per mixer) and write OUT/mixers.*."""
+    import torch
+
+    from ..bench.mixers import ScalingGuard, default_memory_cap_mib, mixers_markdown, plot_mixers
+    from ..bench.report import write_results, write_text_atomic
+    from ..bench.runner import run_sweep
+    cap = settings['memory_limit']
+    if cap is None and torch.device(settings['device']).type == 'cpu':
+        cap = default_memory_cap_mib()
+    env['mixer_memory_cap_mib'] = None if cap is None else round(cap)
+    rows: list[dict[str, Any]] = []
+
+    def on_result(row):
+        rows.append(row)
+        _progress(row)
+        write_results(out, env, rows, name='mixers')  # after every row: an interrupted sweep keeps what it measured
+
+    guard = ScalingGuard(timeout=settings['timeout'], memory_limit_mib=cap)
+    run_sweep(configs, timeout=settings['timeout'], on_result=on_result, skip=guard, memory_limit_mib=cap)
+    plots = plot_mixers(rows, out, env) if settings['plot'] else []
+    write_text_atomic(out / 'mixers.md', mixers_markdown(rows, env))
+    print(f'wrote {out / "mixers.csv"}, mixers.json, mixers.md' + (f' and {len(plots)} plot(s)' if plots else ''))
+    _report_failures(rows, 'mixers.csv')
     return 0
