@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The CPU mixer benchmark (issue #7 §3): run it on a quiet machine (nothing else using the CPUs), from the
-# repository root. Estimated 8-12 minutes on 2 cores (not yet measured on a quiet machine).
+# repository root. 20 minutes on 2 quiet cores (measured).
 # Writes benchmarks/results/cpu_mixers/{mixers.csv,mixers.json,mixers.md,mixers_alone_*.png,mixers_backbone_*.png}:
 # every mixer's time and peak memory alone against tokens and inside l2vit_tiny against pixels, with fitted log-log
 # slopes (1: linear, 2: quadratic).

@@ -10,12 +10,15 @@ Two suites share one protocol (the digits demo recipe, shortened to ``--epochs``
 Each (variant, seed) trains in its own process (``--jobs`` at a time, one thread each) and writes
 ``<output>/<variant>/seed<k>/result.json``: final validation top-1 of the model and of its EMA, training throughput
 (median over epochs), inference throughput and the peak memory of one training step, and the concentration
-metrics of :func:`l2vit.analysis.analyze_model` on validation images. ``report`` aggregates them as mean ± 95%
-Student-t interval over seeds into ``results.md`` / ``results.csv`` / ``results.json``.
+metrics of :func:`l2vit.analysis.analyze_model` on validation images. ``reanalyze --timing`` recomputes the metrics
+from the saved weights and re-measures throughput one model at a time (the training runs share the cores, so their
+own timings are noisy). ``report`` aggregates the runs as mean ± 95% Student-t interval over seeds (speed and memory:
+the median) into ``results[_<suite>].{md,csv,json}``.
 
     python experiments/digits_study.py run --suite ablation --seeds 0 1 2 --output runs/study
     python experiments/digits_study.py run --suite mixers --seeds 0 1 2 --output runs/study
-    python experiments/digits_study.py report --output runs/study
+    python experiments/digits_study.py reanalyze --output runs/study --timing     # on an otherwise idle machine
+    python experiments/digits_study.py report --output runs/study --suite ablation
     python experiments/digits_study.py run --suite ablation --data-dir /data/my_imagefolder --input-size 64 ...
 
 Runs already finished (``result.json`` present) are skipped, so an interrupted study continues where it stopped.
@@ -62,10 +65,11 @@ MIXERS: dict[str, tuple[dict[str, Any], str]] = {
 SUITES = {'ablation': ABLATION, 'mixers': MIXERS}
 VARIANTS = {**ABLATION, **MIXERS}
 
-METRICS = ('val_top1', 'ema_val_top1', 'train_images_per_s', 'infer_images_per_s', 'train_step_peak_mib',
+METRICS = ('val_top1', 'ema_val_top1', 'val_loss', 'ema_val_loss', 'train_images_per_s', 'infer_images_per_s', 'train_step_peak_mib',
            'infer_peak_mib', 'params_k', 'macs_m', 'global/entropy', 'global/distance_px', 'global/top1_mass', 'window/entropy',
            'window/distance_px', 'erf/with_lcm/mean_distance_px', 'erf/without_lcm/mean_distance_px',
-           'erf/with_lcm/center_fraction', 'erf/without_lcm/center_fraction')
+           'erf/with_lcm/center_fraction', 'erf/without_lcm/center_fraction', 'erf/block/mean_distance_px',
+           'global/top9_mass', 'global/negative_mass', 'global/clamped_fraction', 'global/row_mass')
 
 
 def _config(variant: str, seed: int, args: argparse.Namespace, run_dir: Path):
@@ -119,6 +123,7 @@ def run_one(variant: str, seed: int, args: argparse.Namespace) -> dict[str, Any]
         'epochs': cfg.epochs, 'wall_s': round(wall, 1), 'model_kwargs': VARIANTS[variant][0],
         'params_k': sum(p.numel() for p in model.parameters()) / 1e3,
         'val_top1': result.final.get('val_top1', math.nan), 'ema_val_top1': result.final.get('ema_val_top1', math.nan),
+        'val_loss': result.final.get('val_loss', math.nan), 'ema_val_loss': result.final.get('ema_val_loss', math.nan),
         'train_images_per_s': statistics.median(r['train_images_per_s'] for r in trainer.history)
         if trainer.history else math.nan,
     }
@@ -152,9 +157,33 @@ def _concentration(model, images, label: str) -> dict[str, float]:
         return {k: float(v) for k, v in analyze_model(model, images, label=label, erf=True).summary().items()}
 
 
+def _throughput(model, images, batch: int) -> tuple[float, float]:
+    """Images/s of inference and of a training step (forward, cross-entropy backward, AdamW) at ``batch``."""
+    import torch
+
+    from l2vit.bench.timing import time_callable
+    x = images[:batch]
+    if x.shape[0] < batch:
+        x = x.repeat((batch + x.shape[0] - 1) // x.shape[0], 1, 1, 1)[:batch]
+    model = copy.deepcopy(model)
+    with torch.no_grad():
+        infer = time_callable(lambda: model.eval()(x), warmup=2, min_reps=10, min_time=1.0, max_reps=100)
+    model.train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    labels = torch.arange(batch) % model.num_classes
+
+    def step():
+        torch.nn.functional.cross_entropy(model(x), labels).backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    train = time_callable(step, warmup=2, min_reps=5, min_time=1.5, max_reps=50)
+    return batch / infer.median, batch / train.median
+
+
 def cmd_reanalyze(args: argparse.Namespace) -> int:
     """Recompute the concentration metrics of finished runs from their final weights (e.g. after the analysis
-    tools learned another mixer), updating each ``result.json`` in place."""
+    tools learned another mixer), updating each ``result.json`` in place. With ``--timing`` also re-measure
+    throughput one model at a time (run it on an otherwise idle machine: the training runs share the cores)."""
     import torch
 
     from l2vit.engine.checkpoint import atomic_write_text
@@ -170,9 +199,17 @@ def cmd_reanalyze(args: argparse.Namespace) -> int:
             continue
         cfg = _config(r['variant'], r['seed'], args, path.parent / 'train')
         model = build_inference_model(weights, use_ema=False).model.eval()
-        metrics = _concentration(model, _analysis_images(cfg), r['variant'])
+        images = _analysis_images(cfg, 64 if args.timing else 16)
+        metrics = _concentration(model, images[:16], r['variant'])
         r = {k: v for k, v in r.items() if not k.startswith(('global/', 'window/', 'erf/'))}
         r.update(metrics)
+        if args.timing:
+            r['infer_images_per_s'], r['train_images_per_s'] = _throughput(model, images, cfg.batch_size)
+            r['timing'] = (f'one model at a time, {torch.get_num_threads()} thread, batch {cfg.batch_size}: '
+                           f'inference and a training step (forward, backward, AdamW)')
+        with open(path.parent / 'train' / 'summary.csv', newline='') as f:
+            last = list(csv.DictReader(f))[-1]
+        r.update({k: float(last[k]) for k in ('val_loss', 'ema_val_loss') if last.get(k)})
         atomic_write_text(path, json.dumps(r, indent=1) + '\n')
         print(f'{path.parent}: {len(metrics)} metrics', flush=True)
     return 0
@@ -241,7 +278,9 @@ def cmd_report(args: argparse.Namespace) -> int:
     if not results:
         raise SystemExit(f'no result.json under {output}; run the study first')
     rows = []
-    for variant in [v for v in VARIANTS if v in results]:
+    wanted = SUITES[args.suite] if args.suite else VARIANTS
+    stem = f'results_{args.suite}' if args.suite else 'results'
+    for variant in [v for v in wanted if v in results]:
         runs = sorted(results[variant], key=lambda r: r['seed'])
         row: dict[str, Any] = {'variant': variant, 'description': VARIANTS[variant][1],
                                'seeds': [r['seed'] for r in runs], 'status': [r['status'] for r in runs]}
@@ -251,8 +290,8 @@ def cmd_report(args: argparse.Namespace) -> int:
                 ci = mean_ci(vals)
                 row[m] = {'mean': ci.mean, 'ci95': ci.half_width, 'n': ci.n, 'values': vals}
         rows.append(row)
-    (output / 'results.json').write_text(json.dumps(rows, indent=1) + '\n')
-    with open(output / 'results.csv', 'w', newline='') as f:
+    (output / f'{stem}.json').write_text(json.dumps(rows, indent=1) + '\n')
+    with open(output / f'{stem}.csv', 'w', newline='') as f:
         w = csv.writer(f)
         w.writerow(['variant', 'n'] + [f'{m}_{s}' for m in METRICS for s in ('mean', 'ci95')])
         for row in rows:
@@ -263,17 +302,24 @@ def cmd_report(args: argparse.Namespace) -> int:
         if m not in row:
             return '—'
         return _fmt(mean_ci(row[m]['values']), digits)
-    lines = ['| variant | seeds | top-1 % | EMA top-1 % | train img/s | infer img/s | step MiB | global entropy '
-             '| global dist px | window entropy | ERF dist px (LCM / no LCM) |',
-             '|---|---|---|---|---|---|---|---|---|---|---|']
+
+    def median(row, m, digits):  # one architecture's speed measured once per seed: the median says more than a CI
+        return f'{statistics.median(row[m]["values"]):.{digits}f}' if m in row else '—'
+    lines = ['| variant | seeds | top-1 % | EMA top-1 % | val loss | train img/s (median) | infer img/s (median) | step MiB (median) | global entropy '
+             '| global dist px | window entropy | global-block ERF dist px (with / without LCM) |',
+             '|---|---|---|---|---|---|---|---|---|---|---|---|']
     for row in rows:
-        erf = f'{cell(row, "erf/with_lcm/mean_distance_px", 2)} / {cell(row, "erf/without_lcm/mean_distance_px", 2)}'
+        if 'erf/with_lcm/mean_distance_px' in row:
+            erf = f'{cell(row, "erf/with_lcm/mean_distance_px", 2)} / {cell(row, "erf/without_lcm/mean_distance_px", 2)}'
+        else:
+            erf = f'{cell(row, "erf/block/mean_distance_px", 2)} (no LCM)'
         lines.append(f'| {row["variant"]} | {len(row["seeds"])} | {cell(row, "val_top1", 2)} '
-                     f'| {cell(row, "ema_val_top1", 2)} | {cell(row, "train_images_per_s", 0)} '
-                     f'| {cell(row, "infer_images_per_s", 0)} | {cell(row, "train_step_peak_mib", 1)} '
+                     f'| {cell(row, "ema_val_top1", 2)} | {cell(row, "val_loss", 3)} '
+                     f'| {median(row, "train_images_per_s", 0)} '
+                     f'| {median(row, "infer_images_per_s", 0)} | {median(row, "train_step_peak_mib", 1)} '
                      f'| {cell(row, "global/entropy", 3)} | {cell(row, "global/distance_px", 2)} '
                      f'| {cell(row, "window/entropy", 3)} | {erf} |')
-    (output / 'results.md').write_text('\n'.join(lines) + '\n')
+    (output / f'{stem}.md').write_text('\n'.join(lines) + '\n')
     print('\n'.join(lines))
     return 0
 
@@ -297,9 +343,11 @@ def main(argv: list[str] | None = None) -> int:
             q.add_argument('--seed', type=int, required=True)
     q = sub.add_parser('report')
     q.add_argument('--output', default='runs/study')
+    q.add_argument('--suite', choices=list(SUITES), default=None, help='only this suite (results_<suite>.*)')
     q = sub.add_parser('reanalyze')
     q.add_argument('--output', default='runs/study')
     q.add_argument('--variants', nargs='*', default=None)
+    q.add_argument('--timing', action='store_true', help='also re-measure throughput, one model at a time')
     q.add_argument('--epochs', type=int, default=12)
     q.add_argument('--data-dir', default=None)
     q.add_argument('--input-size', type=int, default=None)
