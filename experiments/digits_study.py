@@ -154,7 +154,13 @@ def _concentration(model, images, label: str) -> dict[str, float]:
     from l2vit.analysis import analyze_model
     with warnings.catch_warnings():
         warnings.simplefilter('ignore')  # mixers without attention maps are reported as such
-        return {k: float(v) for k, v in analyze_model(model, images, label=label, erf=True).summary().items()}
+        result = analyze_model(model, images, label=label, erf=True)
+    out = {k: float(v) for k, v in result.summary().items()}
+    for block in result.blocks:  # per block too: averages over stages of 64, 16 and 4 tokens can hide a stage effect
+        stats = block.stats.to_dict()
+        for key in ('entropy', 'distance_px', 'top1_mass'):
+            out[f'block/{block.name}/{key}'] = float(stats[key]['mean'])
+    return out
 
 
 def _throughput(model, images, batch: int) -> tuple[float, float]:
@@ -201,7 +207,7 @@ def cmd_reanalyze(args: argparse.Namespace) -> int:
         model = build_inference_model(weights, use_ema=False).model.eval()
         images = _analysis_images(cfg, 64 if args.timing else 16)
         metrics = _concentration(model, images[:16], r['variant'])
-        r = {k: v for k, v in r.items() if not k.startswith(('global/', 'window/', 'erf/'))}
+        r = {k: v for k, v in r.items() if not k.startswith(('global/', 'window/', 'erf/', 'block/'))}
         r.update(metrics)
         if args.timing:
             r['infer_images_per_s'], r['train_images_per_s'] = _throughput(model, images, cfg.batch_size)
