@@ -6,7 +6,7 @@ import warnings
 
 import pytest
 
-from l2vit.engine.trainer import RunDirError
+from l2vit.engine import RunDirError
 from l2vit.integrations import load_dense_config
 from l2vit.integrations.det_task import DetTrainer
 from l2vit.integrations.runner import load_trained

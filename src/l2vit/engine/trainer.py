@@ -18,7 +18,6 @@ from typing import Any
 
 import timm
 import torch
-import torch.distributed as dist
 import yaml
 from timm.data import Mixup
 from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
@@ -39,28 +38,24 @@ from .checkpoint import (
     CheckpointManager,
     LoadedCheckpoint,
     atomic_write_text,
-    find_resume_checkpoint,
     resolve_resume,
 )
 from .config import TrainConfig, config_diff, config_to_dict
-from .distributed import all_gather_objects, broadcast_object, cleanup_distributed, init_distributed
+from .distributed import all_gather_objects, cleanup_distributed, init_distributed
 from .evaluate import evaluate
 from .logging import RunRecorder, format_duration, setup_logging
 from .optim import build_optimizer, build_scheduler
 from .rng import get_rng_state, seed_everything, set_rng_state
+from .run import StopRequest, broadcast_buffers, prepare_run_dir, run_exit_code
 from .train import NonFiniteLossError, Updater
 from .weights import load_finetune_weights
 
-__all__ = ['Trainer', 'TrainResult', 'RunDirError']
+__all__ = ['Trainer', 'TrainResult']
 
 # files a run writes in its directory; --overwrite removes exactly these
 _RUN_FILES = ('checkpoints', 'summary.csv', 'events.jsonl', 'learning_curve.png', 'train.log', 'config.yaml',
               'tensorboard')
 _AMP_DTYPES = {'none': None, 'bf16': torch.bfloat16, 'fp16': torch.float16}
-
-
-class RunDirError(ValueError):
-    """The output directory already holds a run and neither resume nor overwrite was asked for."""
 
 
 @dataclass
@@ -77,9 +72,7 @@ class TrainResult:
     @property
     def exit_code(self) -> int:
         """0 when completed, 128 + signal number when interrupted (130 for SIGINT, 143 for SIGTERM), 3 for NaN."""
-        if self.status == 'interrupted':
-            return 128 + (self.signum or signal.SIGINT)
-        return {'completed': 0, 'nonfinite': 3}[self.status]
+        return run_exit_code(self.status, self.signum)
 
 
 @dataclass
@@ -92,31 +85,6 @@ class _Progress:
     loss_count: int = 0
     bad_images: int = 0
     epoch_time: float = 0.  # seconds spent in the current epoch (before a resume, too)
-
-
-class _StopRequest:
-    """SIGINT / SIGTERM set a flag that the loop honours at the next optimizer-update boundary."""
-
-    def __init__(self):
-        self.signum: int | None = None
-        self._previous: dict[int, Any] = {}
-
-    def __enter__(self) -> _StopRequest:
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            try:
-                self._previous[sig] = signal.signal(sig, self._handle)
-            except ValueError:  # not the main thread
-                pass
-        return self
-
-    def _handle(self, signum: int, frame: Any) -> None:
-        if self.signum is not None and signum == signal.SIGINT:
-            raise KeyboardInterrupt  # a second Ctrl-C: the user does not want to wait for the checkpoint
-        self.signum = signum
-
-    def __exit__(self, *exc: Any) -> None:
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
 
 
 class Trainer:
@@ -136,25 +104,6 @@ class Trainer:
         self.run_dir = Path(cfg.output)
 
     # ----------------------------------------------------------------------------------------------- building
-    def _prepare_run_dir(self) -> None:
-        error = None
-        if self.dist.is_main:
-            existing = [n for n in _RUN_FILES if (self.run_dir / n).exists()]
-            has_ckpt = bool(find_resume_checkpoint(self.run_dir))
-            if existing and self.overwrite:
-                for n in existing:
-                    p = self.run_dir / n
-                    shutil.rmtree(p) if p.is_dir() else p.unlink()
-            elif has_ckpt and self.resume is None:
-                error = (f'{self.run_dir} already holds a training run; pass --resume auto to continue it, '
-                         '--overwrite to start it again, or another --output')
-            if error is None:
-                self.run_dir.mkdir(parents=True, exist_ok=True)
-        # every rank raises the same error (a lone rank-0 error would leave the others waiting)
-        error = broadcast_object(error)
-        if error is not None:
-            raise RunDirError(error)
-
     def _build_data(self) -> None:
         cfg, d = self.cfg, self.cfg.data
         self.train_source, self.val_source = build_sources(d.data_dir, d.train_split, d.val_split, d.val_fraction)
@@ -300,7 +249,7 @@ class Trainer:
             raise ValueError(f"unknown model '{cfg.model.name}'; l2vit models: "
                              f"{', '.join(timm.list_models('*l2vit*'))} (any timm model name works too)")
         self._build_data()  # a bad data folder fails here, before an earlier run is touched by --overwrite
-        self._prepare_run_dir()
+        prepare_run_dir(self.run_dir, _RUN_FILES, self.dist, self.overwrite, self.resume)
         progress_mode = cfg.log.progress
         if progress_mode == 'auto':
             progress_mode = 'bar' if sys.stderr.isatty() else 'log'
@@ -366,7 +315,7 @@ class Trainer:
         # with a progress bar on the terminal, step lines go to train.log only
         (self.logger if self.progress_mode == 'log' else self.file_logger).info(text)
 
-    def _run_epoch(self, bar: Any, stop: _StopRequest, t_start: float, updates_at_start: int) -> str | None:
+    def _run_epoch(self, bar: Any, stop: StopRequest, t_start: float, updates_at_start: int) -> str | None:
         """Train the rest of the current epoch; returns 'interrupted' when stopped by a signal."""
         cfg, p = self.cfg, self.progress
         uf = cfg.optim.update_freq
@@ -442,22 +391,14 @@ class Trainer:
                             avg_loss=avg, lr=lr, images_per_s=images / max(step_s, 1e-9), data_time_s=data_time)
         self.recorder.scalars(p.num_updates, train_loss=loss, lr=lr)
 
-    def _sync_buffers(self) -> None:
-        """Give every rank rank 0's BatchNorm statistics (also the EMA's) before evaluating."""
-        if not self.dist.distributed:
-            return
-        modules = [self.model] + ([self.ema.module] if self.ema is not None else [])
-        for m in modules:
-            for b in m.buffers():
-                dist.broadcast(b, src=0)
-
     def _evaluate_epoch(self) -> dict[str, Any]:
         def on_bad(items: list[tuple[str, str]]) -> None:
             for path, reason in items:
                 self.logger.warning(f'skipped unreadable validation image {reason}')
                 self.recorder.event('bad_image', file=path, reason=reason, split='val')
 
-        self._sync_buffers()
+        # every rank evaluates with rank 0's BatchNorm statistics (also the EMA's)
+        broadcast_buffers([self.model] + ([self.ema.module] if self.ema is not None else []))
         out: dict[str, Any] = {}
         res = evaluate(self.model, self.val_loader, self.device, self.amp_dtype, on_bad)
         out.update(val_loss=res['loss'], val_top1=res['top1'], val_top5=res['top5'])
@@ -560,7 +501,7 @@ class Trainer:
                        ncols=shutil.get_terminal_size().columns, desc='train')
         t_start, updates_at_start = time.perf_counter(), p.num_updates
         status, message, checkpoint = 'completed', '', None
-        with _StopRequest() as stop:
+        with StopRequest() as stop:
             try:
                 while p.epoch < cfg.epochs:
                     if self._run_epoch(bar, stop, t_start, updates_at_start) == 'interrupted':

@@ -17,7 +17,6 @@ import io
 import json
 import math
 import os
-import shutil
 import signal
 import time
 from abc import ABC, abstractmethod
@@ -26,7 +25,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.distributed as dist
 import yaml
 from torch import nn
 from torch.utils.data import BatchSampler, DataLoader, Dataset
@@ -36,7 +34,6 @@ from ..engine.checkpoint import (
     CheckpointManager,
     LoadedCheckpoint,
     atomic_write_text,
-    find_resume_checkpoint,
     read_checkpoint,
     resolve_resume,
 )
@@ -44,8 +41,8 @@ from ..engine.config import config_diff
 from ..engine.distributed import all_gather_objects, cleanup_distributed, init_distributed
 from ..engine.logging import RunRecorder, format_duration, setup_logging
 from ..engine.rng import get_rng_state, seed_everything, set_rng_state
+from ..engine.run import StopRequest, broadcast_buffers, prepare_run_dir, run_exit_code
 from ..engine.train import NonFiniteLossError, StepSync
-from ..engine.trainer import RunDirError
 from ..models import CheckpointError
 from .config import DetConfig, SegConfig, dense_config_from_dict, dense_config_to_dict
 from .schedule import LrSchedule
@@ -69,34 +66,8 @@ class DenseResult:
 
     @property
     def exit_code(self) -> int:
-        if self.status == 'interrupted':
-            return 128 + (self.signum or signal.SIGINT)
-        return {'completed': 0, 'nonfinite': 3}[self.status]
-
-
-class _StopFlag:
-    """SIGINT / SIGTERM request a stop at the next iteration boundary (a second Ctrl-C stops at once)."""
-
-    def __init__(self):
-        self.signum: int | None = None
-        self._previous: dict[int, Any] = {}
-
-    def __enter__(self) -> _StopFlag:
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            try:
-                self._previous[sig] = signal.signal(sig, self._handle)
-            except ValueError:  # not the main thread: no signal handling
-                pass
-        return self
-
-    def _handle(self, signum: int, frame: Any) -> None:
-        if self.signum is not None and signum == signal.SIGINT:
-            raise KeyboardInterrupt
-        self.signum = signum
-
-    def __exit__(self, *exc: Any) -> None:
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
+        """0 when completed, 128 + signal number when interrupted, 3 for NaN."""
+        return run_exit_code(self.status, self.signum)
 
 
 def build_dense_optimizer(model: nn.Module, cfg: Any) -> torch.optim.Optimizer:
@@ -164,20 +135,6 @@ class DenseTrainer(ABC):
         return {'round': round_idx, 'iter': it}
 
     # ------------------------------------------------------------------------------------------ building
-    def _prepare_run_dir(self) -> None:
-        if self.dist.is_main:
-            existing = [n for n in _RUN_FILES if (self.run_dir / n).exists()]
-            if existing and self.overwrite:
-                for n in existing:
-                    p = self.run_dir / n
-                    shutil.rmtree(p) if p.is_dir() else p.unlink()
-            elif find_resume_checkpoint(self.run_dir) and self.resume is None:
-                raise RunDirError(f'{self.run_dir} already holds a training run; pass --resume auto to continue it, '
-                                  '--overwrite to start it again, or another --output')
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-        if self.dist.distributed:
-            dist.barrier()
-
     def _find_resume(self) -> LoadedCheckpoint | None:
         ckpt = resolve_resume(self.resume, self.run_dir, self.logger)
         if ckpt is not None and ckpt.state.get('task') != self.task:
@@ -210,7 +167,7 @@ class DenseTrainer(ABC):
         """Process group, run directory, data, model, optimizer and resume state."""
         cfg = self.cfg
         self.dist, self.device = init_distributed(cfg.device)
-        self._prepare_run_dir()
+        prepare_run_dir(self.run_dir, _RUN_FILES, self.dist, self.overwrite, self.resume)
         self.logger = setup_logging(self.run_dir, self.dist.is_main)
         if cfg.threads is not None:
             torch.set_num_threads(cfg.threads)
@@ -369,7 +326,7 @@ class DenseTrainer(ABC):
         status, message = 'completed', ''
         t_round, t_log = time.perf_counter() - self.round_accum['time'], time.perf_counter()
         start_iter = self.iter
-        with _StopFlag() as stop:
+        with StopRequest() as stop:
             try:
                 self.train_model.train()
                 batches = self._batches() if self.iter < self.total_iters else iter(())
@@ -420,12 +377,6 @@ class DenseTrainer(ABC):
             self.logger.warning(f'l2vit {self.task} train: {message}')
         return DenseResult(status, self.run_dir, self.iter, final, message, stop.signum)
 
-    def _sync_buffers(self) -> None:
-        """Every rank gets rank 0's BatchNorm statistics before evaluating."""
-        if self.dist.distributed:
-            for b in self.model.buffers():
-                dist.broadcast(b, src=0)
-
     def _on_boundary(self) -> bool:
         """Whether the current iteration ends a round (else a max_iters stop inside one)."""
         return self.iter % self.round_iters == 0 or self.iter == self.schedule_total
@@ -440,7 +391,7 @@ class DenseTrainer(ABC):
             name = CheckpointManager.recovery_name(*divmod(self.iter, self.round_iters))
         label = name.replace('/', '-')
         if self.eval_due(round_idx, last):
-            self._sync_buffers()
+            broadcast_buffers([self.model])  # every rank evaluates with rank 0's BatchNorm statistics
             draw_dir = self.run_dir / 'predictions' / label if self.cfg.run.draw > 0 and self.dist.is_main else None
             metrics = self.evaluate(self.model, draw_dir)
             scalars = {k: v for k, v in metrics.items() if isinstance(v, (int, float))}
