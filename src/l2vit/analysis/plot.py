@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from ._io import atomic_write_bytes
+from .._io import atomic_write_bytes
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure

@@ -23,8 +23,8 @@ import timm
 import torch
 from torch import nn
 
+from .._io import atomic_write_bytes
 from ..version import __version__
-from ._io import atomic_write_bytes
 from .attention_maps import ROW_METRICS_RULE, attention_maps, pairwise_distances, row_semantics, token_centers
 from .capture import (
     AttentionInput,

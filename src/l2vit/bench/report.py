@@ -10,52 +10,20 @@ import csv
 import io
 import json
 import math
-import os
-import tempfile
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
-__all__ = ['write_results', 'write_text_atomic', 'read_results', 'fit_slope', 'plot_scaling', 'markdown_tables', 'COLUMNS']
+from .._io import atomic_write_bytes, atomic_write_text
+
+__all__ = ['write_results', 'read_results', 'fit_slope', 'plot_scaling', 'markdown_tables', 'COLUMNS']
 
 COLUMNS = (
     'model', 'height', 'width', 'pixels', 'batch', 'mode', 'dtype', 'cast', 'device', 'threads', 'compile',
     'channels_last', 'status', 'time_ms', 'time_q25_ms', 'time_q75_ms', 'time_min_ms', 'time_max_ms', 'reps',
     'img_per_s', 'peak_mib', 'baseline_mib', 'mem_method', 'gmacs', 'params_m', 'gflops', 'wall_s', 'error',
 )
-
-
-def write_text_atomic(path: Path, text: str) -> None:
-    """Write ``text`` to a temporary file beside ``path``, fsync it and rename it over ``path``."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f'.{path.name}.', suffix='.tmp')
-    try:
-        os.chmod(tmp, file_mode())  # mkstemp creates 0600; results are ordinary files
-        with os.fdopen(fd, 'w', newline='') as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with _suppress():
-            os.unlink(tmp)
-        raise
-
-
-def file_mode() -> int:
-    """The mode a plain ``open(path, 'w')`` would give a new file (0666 minus the process umask)."""
-    umask = os.umask(0)
-    os.umask(umask)
-    return 0o666 & ~umask
-
-
-class _suppress:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return True
 
 
 def _clean(value: Any) -> Any:
@@ -75,7 +43,7 @@ def write_results(out_dir: str | Path, environment: dict[str, Any], rows: Sequen
     out_dir = Path(out_dir)
     rows = [_clean(r) for r in rows]
     environment = _clean(environment)
-    write_text_atomic(out_dir / f'{name}.json', json.dumps({'environment': environment, 'rows': rows}, indent=1,
+    atomic_write_text(out_dir / f'{name}.json', json.dumps({'environment': environment, 'rows': rows}, indent=1,
                                                            allow_nan=False))
     buf = io.StringIO()
     for key, value in environment.items():
@@ -85,7 +53,7 @@ def write_results(out_dir: str | Path, environment: dict[str, Any], rows: Sequen
     writer.writeheader()
     for row in rows:
         writer.writerow({k: ('' if v is None else v) for k, v in row.items()})
-    write_text_atomic(out_dir / f'{name}.csv', buf.getvalue())
+    atomic_write_text(out_dir / f'{name}.csv', buf.getvalue())
 
 
 def read_results(path: str | Path, name: str = 'results') -> tuple[dict[str, Any], list[dict[str, Any]]]:
@@ -208,10 +176,7 @@ def plot_scaling(
         buf = io.BytesIO()
         fig.savefig(buf, format='png', dpi=110)
         plt.close(fig)
-        tmp = path.with_name(f'.{path.name}.tmp')
-        tmp.write_bytes(buf.getvalue())
-        os.chmod(tmp, file_mode())
-        os.replace(tmp, path)
+        atomic_write_bytes(path, buf.getvalue())
         paths.append(path)
     return paths
 

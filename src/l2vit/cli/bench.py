@@ -219,9 +219,10 @@ def _progress(row: dict[str, Any]) -> None:
 def run(args: argparse.Namespace) -> int:
     import torch
 
+    from .._io import atomic_write_text
     from ..bench.env import environment
     from ..bench.gemm import gemm_gflops
-    from ..bench.report import markdown_tables, plot_scaling, write_results, write_text_atomic
+    from ..bench.report import markdown_tables, plot_scaling, write_results
     from ..bench.runner import DTYPES, run_sweep
     from ..bench.targets import evaluate_targets, format_targets
     settings, sweeps = _settings(args)
@@ -272,7 +273,7 @@ def run(args: argparse.Namespace) -> int:
           f'l2vit {env["l2vit"]}; {env["threads"]} threads; {env["date"]}\n', markdown_tables(rows)]
     if targets:
         md += ['## Targets\n', format_targets(targets), '']
-    write_text_atomic(out / 'results.md', '\n'.join(md))
+    atomic_write_text(out / 'results.md', '\n'.join(md))
     print(f'wrote {out / "results.csv"}, results.json, results.md' + (f' and {len(plots)} plot(s)' if plots else ''))
     if targets:
         print(format_targets(targets))
@@ -290,8 +291,9 @@ def _run_mixers(settings: dict[str, Any], configs: list, env: dict[str, Any], ou
     """The mixer benchmark: run ``configs`` (mixers alone, then the backbone per mixer) and write OUT/mixers.*."""
     import torch
 
+    from .._io import atomic_write_text
     from ..bench.mixers import ScalingGuard, default_memory_cap_mib, mixers_markdown, plot_mixers
-    from ..bench.report import write_results, write_text_atomic
+    from ..bench.report import write_results
     from ..bench.runner import run_sweep
     cap = settings['memory_limit']
     if cap is None and torch.device(settings['device']).type == 'cpu':
@@ -307,7 +309,7 @@ def _run_mixers(settings: dict[str, Any], configs: list, env: dict[str, Any], ou
     guard = ScalingGuard(timeout=settings['timeout'], memory_limit_mib=cap)
     run_sweep(configs, timeout=settings['timeout'], on_result=on_result, skip=guard, memory_limit_mib=cap)
     plots = plot_mixers(rows, out, env) if settings['plot'] else []
-    write_text_atomic(out / 'mixers.md', mixers_markdown(rows, env))
+    atomic_write_text(out / 'mixers.md', mixers_markdown(rows, env))
     print(f'wrote {out / "mixers.csv"}, mixers.json, mixers.md' + (f' and {len(plots)} plot(s)' if plots else ''))
     _report_failures(rows, 'mixers.csv')
     return 0

@@ -27,6 +27,7 @@ from typing import Any
 import torch
 from safetensors.torch import save_file
 
+from .._io import atomic_write_text, fsync_dir
 from ..models import CheckpointError, load_checkpoint_file
 
 __all__ = ['CheckpointManager', 'LoadedCheckpoint', 'fsync_dir', 'atomic_write_text', 'read_checkpoint',
@@ -39,35 +40,9 @@ _EPOCH_RE = re.compile(r'^epoch-(\d+)$')
 _RECOVERY_RE = re.compile(r'^e(\d+)-u(\d+)$')
 
 
-def fsync_dir(path: str | os.PathLike) -> None:
-    """Flush a directory entry (the rename of a file into it) to disk; a no-op where unsupported."""
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
 def _fsync_file(path: Path) -> None:
     with open(path, 'rb') as f:
         os.fsync(f.fileno())
-
-
-def atomic_write_text(path: str | os.PathLike, text: str) -> None:
-    """Write ``text`` to ``path`` through a temporary file, fsync and ``os.replace``."""
-    path = Path(path)
-    tmp = path.with_name(f'.{path.name}.tmp-{os.getpid()}')
-    with open(tmp, 'w') as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    fsync_dir(path.parent)
 
 
 def _plain_state_dict(module: torch.nn.Module) -> dict[str, torch.Tensor]:

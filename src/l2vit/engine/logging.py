@@ -11,14 +11,13 @@ import io
 import json
 import logging
 import math
-import os
 import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from .checkpoint import atomic_write_text
+from .._io import atomic_path, atomic_write_text
 
 __all__ = ['setup_logging', 'RunRecorder', 'SUMMARY_FIELDS', 'format_duration']
 
@@ -150,10 +149,9 @@ class RunRecorder:
             ax.grid(alpha=0.3)
             ax.legend()
         fig.tight_layout()
-        tmp = self.plot_path.with_name(f'.{self.plot_path.name}.tmp-{os.getpid()}.png')
-        fig.savefig(tmp, dpi=100)
+        with atomic_path(self.plot_path, suffix='.png') as tmp:
+            fig.savefig(tmp, dpi=100)
         plt.close(fig)
-        os.replace(tmp, self.plot_path)
 
     def close(self) -> None:
         if self._events is not None:

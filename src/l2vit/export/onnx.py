@@ -7,14 +7,13 @@ model without classifier). Requires the ``export`` extra (``onnx``, ``onnxscript
 from __future__ import annotations
 
 import os
-import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from ..bench.report import file_mode
+from .._io import atomic_path
 from .program import DEFAULT_EXAMPLE, export_program
 
 __all__ = ['export_onnx', 'check_onnx', 'OnnxCheck', 'MIN_OPSET']
@@ -47,19 +46,10 @@ def export_onnx(
     output = 'logits' if getattr(model, 'num_classes', 1) else 'features'
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f'.{path.name}.', suffix='.onnx')
-    os.close(fd)
-    try:
+    with atomic_path(path, suffix='.onnx') as tmp:
         onnx_program = torch.onnx.export(program, (x,), dynamo=True, opset_version=opset, input_names=['image'],
                                          output_names=[output], external_data=False, verbose=False)
-        onnx_program.save(tmp)
-        with open(tmp, 'rb') as f:
-            os.fsync(f.fileno())
-        os.chmod(tmp, file_mode())  # mkstemp creates 0600
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+        onnx_program.save(str(tmp))
     return path
 
 

@@ -12,13 +12,11 @@ ops are shape-generic, and :mod:`l2vit.export.onnx` verifies it down to 32 × 32
 from __future__ import annotations
 
 import os
-import tempfile
-from pathlib import Path
 
 import torch
 from torch.export import Dim, ExportedProgram
 
-from ..bench.report import file_mode
+from .._io import atomic_path
 
 __all__ = ['export_program', 'load_program', 'DEFAULT_EXAMPLE', 'MAX_SIDE', 'DYNAMIC']
 
@@ -61,19 +59,8 @@ def export_program(
         program = torch.export.export(model, (x,), dynamic_shapes=dynamic_shapes,
                                       prefer_deferred_runtime_asserts_over_guards=True)
     if path is not None:
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f'.{path.name}.', suffix='.tmp')
-        os.close(fd)
-        try:
+        with atomic_path(path) as tmp:
             torch.export.save(program, tmp)
-            with open(tmp, 'rb') as f:
-                os.fsync(f.fileno())
-            os.chmod(tmp, file_mode())  # mkstemp creates 0600
-            os.replace(tmp, path)
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
     return program
 
 

@@ -10,6 +10,7 @@ import torch
 from PIL import Image
 from torchvision.utils import draw_bounding_boxes, draw_segmentation_masks
 
+from .._io import atomic_path
 from .ade import palette
 
 __all__ = ['draw_detections', 'draw_segmentation', 'save_png']
@@ -17,19 +18,10 @@ __all__ = ['draw_detections', 'draw_segmentation', 'save_png']
 
 def save_png(image: torch.Tensor, path: str | os.PathLike) -> Path:
     """Write a uint8 ``(3, H, W)`` image as PNG through a temporary file, fsync and ``os.replace``."""
-    from ..engine.checkpoint import fsync_dir
-
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f'.{path.name}.tmp-{os.getpid()}')
     arr = image.detach().cpu().permute(1, 2, 0).numpy().astype(np.uint8)
-    with open(tmp, 'wb') as f:
-        Image.fromarray(arr).save(f, format='PNG')
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    fsync_dir(path.parent)
-    return path
+    with atomic_path(path) as tmp:
+        Image.fromarray(arr).save(tmp, format='PNG')
+    return Path(path)
 
 
 def draw_detections(image: torch.Tensor, output: Mapping[str, torch.Tensor], class_names: Sequence[str],
