@@ -13,7 +13,6 @@ digits, no download) in a few minutes on a CPU. With ``--data-dir`` only, it run
 from __future__ import annotations
 
 import argparse
-from typing import Any
 
 __all__ = ['add_parser', 'run', 'resolve_config']
 
@@ -69,17 +68,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 def resolve_config(args: argparse.Namespace):
     """The :class:`~l2vit.engine.TrainConfig` described by the command line."""
-    from ..engine.config import apply_overrides, config_from_dict, load_config, parse_override
+    from ..engine.config import apply_overrides, collect_overrides, config_from_dict, load_config
     from ..engine.presets import DIGITS_DEMO
 
-    overrides: dict[str, Any] = {}
-    for flag, key in _FLAG_KEYS.items():
-        value = getattr(args, flag, None)
-        if value is not None:
-            overrides[key] = value
-    for text in args.overrides:
-        key, value = parse_override(text)
-        overrides[key] = value
+    overrides = collect_overrides(args, _FLAG_KEYS, args.overrides)
     if args.config is not None:
         return load_config(args.config, overrides)
     if args.data_dir is None:

@@ -21,7 +21,7 @@ import yaml
 __all__ = [
     'ModelConfig', 'FinetuneConfig', 'DataConfig', 'AugConfig', 'OptimConfig', 'SchedConfig', 'EmaConfig',
     'CheckpointConfig', 'LogConfig', 'TrainConfig', 'ConfigError', 'load_config', 'config_from_dict',
-    'config_to_dict', 'apply_overrides', 'parse_override', 'config_diff', 'dataclass_from_dict', 'read_yaml_config',
+    'config_to_dict', 'apply_overrides', 'collect_overrides', 'parse_override', 'config_diff', 'dataclass_from_dict', 'read_yaml_config',
 ]
 
 _IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -338,6 +338,20 @@ def parse_override(text: str) -> tuple[str, Any]:
         except ValueError:
             pass
     return key.strip(), value
+
+
+def collect_overrides(args: Any, flag_keys: dict[str, str], texts: list[str]) -> dict[str, Any]:
+    """Dotted-key overrides from a command line: each attribute of ``args`` named in ``flag_keys`` that is not None
+    (``{'batch_size': 'batch_size', 'lr': 'optim.lr', ...}``), then every ``KEY=VALUE`` of ``texts`` (``--set``)."""
+    out: dict[str, Any] = {}
+    for flag, key in flag_keys.items():
+        value = getattr(args, flag, None)
+        if value is not None:
+            out[key] = value
+    for text in texts:
+        key, value = parse_override(text)
+        out[key] = value
+    return out
 
 
 def apply_overrides(data: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:

@@ -70,17 +70,9 @@ def add_eval_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def _overrides(args: argparse.Namespace, flags: dict[str, str]) -> dict[str, Any]:
-    from ..engine.config import parse_override
+    from ..engine.config import collect_overrides
 
-    out: dict[str, Any] = {}
-    for flag, key in {**_COMMON_FLAGS, **flags}.items():
-        value = getattr(args, flag, None)
-        if value is not None:
-            out[key] = value
-    for text in args.overrides:
-        key, value = parse_override(text)
-        out[key] = value
-    return out
+    return collect_overrides(args, {**_COMMON_FLAGS, **flags}, args.overrides)
 
 
 def resolve_train_config(task: str, args: argparse.Namespace, flags: dict[str, str]) -> DetConfig | SegConfig:
