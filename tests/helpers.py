@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -11,6 +13,19 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 OFFICIAL_FIXTURES = REPO_ROOT.parent / 'shared' / 'fixtures' / 'official'
 OFFICIAL_CASES = ('case_small_224', 'case_small_pad', 'case_small_w12_384', 'case_deep_160', 'case_deep_pad_odd')
 OFFICIAL_VARIANTS = {'l2vit_tiny': 'tiny', 'l2vit_small': 'small', 'l2vit_base': 'base', 'l2vit_base_384': 'base_384'}
+
+
+@contextmanager
+def torch_threads(n: int = 1) -> Iterator[None]:
+    """Run the block with ``n`` intra-op torch threads, restoring the previous setting afterwards. Tests of tiny
+    models use one: tensors of a few hundred elements gain nothing from a second thread, and its spin-waiting costs
+    up to 30x when other processes share the CPUs."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
 
 
 def require_official_fixtures() -> Path:

@@ -11,6 +11,7 @@ from PIL import Image
 from safetensors.torch import save_file
 
 from l2vit.cli import main
+from tests.helpers import torch_threads
 
 SMALL = ['--img-size', '64', '--blocks', 'stages.0.blocks.0', 'stages.0.blocks.1', '--topk', '9',
          '--figure-images', '1']
@@ -18,10 +19,8 @@ SMALL = ['--img-size', '64', '--blocks', 'stages.0.blocks.0', 'stages.0.blocks.1
 
 @pytest.fixture(scope='module', autouse=True)
 def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny tensors; see tests/analysis/conftest.py
-    yield
-    torch.set_num_threads(threads)
+    with torch_threads(1):  # tiny models: see tests.helpers.torch_threads
+        yield
 
 
 @pytest.fixture

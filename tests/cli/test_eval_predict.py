@@ -12,15 +12,13 @@ from PIL import Image
 
 from l2vit.cli import main
 from tests.engine.synthetic import to_official_name, train_tiny_run
+from tests.helpers import torch_threads
 
 
 @pytest.fixture(autouse=True)
 def _one_thread():
-    """One torch thread: these tiny models run many times slower with two threads on a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+    with torch_threads(1):  # tiny models: see tests.helpers.torch_threads
+        yield
 
 @pytest.fixture(scope='module')
 def run(tmp_path_factory):

@@ -4,7 +4,6 @@ from __future__ import annotations
 import argparse
 
 import pytest
-import torch
 import yaml
 
 from l2vit.cli import build_parser, main
@@ -12,15 +11,13 @@ from l2vit.cli.train import resolve_config
 from l2vit.engine.config import config_from_dict
 from l2vit.engine.presets import DIGITS_DEMO
 from tests.engine.synthetic import make_image_folder, read_events, write_recipe
+from tests.helpers import torch_threads
 
 
 @pytest.fixture(autouse=True)
 def _one_thread():
-    """One torch thread: these tiny models run many times slower with two threads on a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+    with torch_threads(1):  # tiny models: see tests.helpers.torch_threads
+        yield
 
 
 def _args(*argv: str) -> argparse.Namespace:

@@ -4,17 +4,15 @@ from pathlib import Path
 import pytest
 import torch
 
+from tests.helpers import torch_threads
+
 from .synthetic import train_tiny_run
 
 
 @pytest.fixture(autouse=True)
 def _one_thread():
-    """One torch thread (as the recipes here ask): tiny models run many times slower with two threads on a busy
-    machine; the previous setting comes back afterwards."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+    with torch_threads(1):  # tiny models: see tests.helpers.torch_threads
+        yield
 
 
 @pytest.fixture(scope='session')

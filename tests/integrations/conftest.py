@@ -2,7 +2,8 @@
 import warnings
 
 import pytest
-import torch
+
+from tests.helpers import torch_threads
 
 from .synthetic import make_ade, make_coco
 
@@ -12,10 +13,8 @@ SEG_SIZES = [(50, 67), (64, 64), (40, 90), (64, 48)]
 
 @pytest.fixture(autouse=True)
 def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+    with torch_threads(1):  # tiny models: see tests.helpers.torch_threads
+        yield
 
 
 @pytest.fixture(scope='session')
