@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The committed CPU benchmark (issue #4): run it on a quiet machine (nothing else using the CPUs), from the
-# repository root. About 10-13 minutes on 2 cores (12.5 measured while other jobs shared the cores).
+# repository root. About 11-13 minutes on 2 cores (11.5 measured on 2026-12-05, with the frozen-compiled sweeps).
 # Writes benchmarks/results/cpu/{results.csv,results.json,results.md,scaling_*.png}; results.md ends with the
 # issue's section 3 targets, each measured and marked met or missed.
 set -euo pipefail

@@ -60,6 +60,11 @@ def test_config_validation():
     assert parse_size('512') == (512, 512) and parse_size('320x480') == (320, 480)
     with pytest.raises(ValueError, match='HxW'):
         parse_size('big')
+    with pytest.raises(ValueError, match='freeze applies to compiled inference only'):
+        BenchConfig('m', 224, 224, freeze=True)
+    with pytest.raises(ValueError, match='freeze applies to compiled inference only'):
+        BenchConfig('m', 224, 224, compile=True, freeze=True, mode='train')
+    assert BenchConfig('m', 224, 224, compile=True, freeze=True).label() == 'm 224x224 b1 infer fp32 cpu compiled-frozen'
 
 
 def test_run_config_in_process_rows():
@@ -134,6 +139,47 @@ def test_targets_from_rows():
     assert [t.passed for t in targets] == [True, False, True, True, True, False, True, None]
     text = format_targets(targets)
     assert '**missed**' in text and 'not measured' in text and '150 of 200 GFLOP/s' in text
+
+
+def test_bf16_target_compares_the_fastest_paths():
+    def row(tp, dtype='fp32', cast='none', compile=False, freeze=False):
+        return dict(model='l2vit_tiny', height=224, width=224, batch=16, mode='infer', dtype=dtype, cast=cast,
+                    device='cpu', status='ok', img_per_s=tp, compile=compile, freeze=freeze)
+
+    def bf16_target(rows):
+        return next(t for t in evaluate_targets(rows, {}) if t.name.startswith('bf16 224'))
+    eager = [row(20), row(40, 'bf16', 'autocast'), row(42, 'bf16', 'model')]
+    t = bf16_target(eager)
+    assert t.value == pytest.approx(2.1) and not t.passed and 'bf16 model ÷ fp32' in t.detail
+    # a frozen compiled bf16 model is an inference path too; a slower compiled fp32 row does not lower the baseline
+    t = bf16_target(eager + [row(56, 'bf16', 'model', compile=True, freeze=True), row(18, compile=True, freeze=True)])
+    assert t.value == pytest.approx(2.8) and t.passed
+    assert t.detail == 'fastest paths: bf16 model, compiled with frozen weights ÷ fp32'
+    # a faster compiled fp32 row raises it
+    t = bf16_target(eager + [row(56, 'bf16', 'model', compile=True, freeze=True), row(28, compile=True)])
+    assert t.value == pytest.approx(2.0) and t.detail.endswith('÷ fp32, compiled')
+    # the other targets still read eager rows only
+    swin = dict(row(10), model='swin_tiny_patch4_window7_224')
+    t16 = next(t for t in evaluate_targets(eager + [row(40, compile=True), swin], {}) if 'batch 16: l2vit' in t.name)
+    assert t16.value == pytest.approx(2.0)
+
+
+def test_bf16_agreement_target_takes_the_worst_path():
+    rep = dict(model='l2vit_tiny', dtype='bf16', images=64, weights='random', decisive_images=40,
+               decisive_agreement=1.0, max_abs_error=0.02, rel_error=0.001)
+    env = {'precision': [dict(rep, cast='autocast', top1_agreement=1.0),
+                         dict(rep, cast='model', top1_agreement=0.98, freeze=True)]}
+    t = next(t for t in evaluate_targets([dict(model='x', device='cpu')], env) if 'agreement' in t.name)
+    assert t.value == 0.98 and not t.passed and 'worst of 2 paths: model, compiled with frozen weights' in t.detail
+
+
+def test_cli_freeze_applies_to_inference_configs():
+    args = build_parser().parse_args(['bench', '--models', 'a', '--sizes', '64', '--modes', 'infer', 'train',
+                                      '--freeze'])
+    configs = list(_configs(*_settings(args)))
+    assert [(c.mode, c.compile, c.freeze) for c in configs] == [('infer', True, True), ('train', True, False)]
+    with pytest.raises(ValueError, match='--freeze does not apply to --mixers'):
+        _settings(build_parser().parse_args(['bench', '--mixers', 'linear', '--freeze']))
 
 
 def test_cli_settings_suite_and_dedup(tmp_path):

@@ -138,9 +138,12 @@ def available_memory_mib(device: str = 'cpu') -> float | None:
 
 
 def _series_key(item: BenchConfig | dict[str, Any]) -> tuple:
-    """Every configuration field but the size: rows with the same key form one scaling series."""
-    get = item.get if isinstance(item, dict) else (lambda k: getattr(item, k))
-    return tuple(get(k) for k in BenchConfig.__dataclass_fields__ if k not in _SIZE_FIELDS)
+    """Every configuration field but the size: rows with the same key form one scaling series (a row without a
+    field, e.g. one written before the field existed, has its default)."""
+    fields = BenchConfig.__dataclass_fields__
+    if isinstance(item, dict):
+        return tuple(item.get(k, fields[k].default) for k in fields if k not in _SIZE_FIELDS)
+    return tuple(getattr(item, k) for k in fields if k not in _SIZE_FIELDS)
 
 
 def _extrapolate(points: Sequence[tuple[float, float]], x: float) -> tuple[float, float]:

@@ -39,6 +39,8 @@ class PrecisionReport:
         rel_error: ``max_abs_error / max |fp32 logit|``.
         median_margin: Median fp32 top-2 margin.
         weights: ``'random'`` or the checkpoint path.
+        freeze: The half-precision model ran compiled with frozen weights
+            (:func:`l2vit.export.compile_for_inference`).
     """
     model: str
     dtype: str
@@ -52,6 +54,7 @@ class PrecisionReport:
     rel_error: float
     median_margin: float
     weights: str
+    freeze: bool = False
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -86,6 +89,7 @@ def precision_check(
         checkpoint: str | None = None,
         device: str = 'cpu',
         batch_size: int = 16,
+        freeze: bool = False,
 ) -> PrecisionReport:
     """Compare ``model_name``'s logits in ``dtype`` (via ``cast``) with its fp32 logits on real photos.
 
@@ -97,6 +101,8 @@ def precision_check(
         checkpoint: Weights file for the model (default: random weights, see the module notes).
         device: Where to run.
         batch_size: Images per forward pass.
+        freeze: Run the half-precision model compiled with frozen weights
+            (:func:`l2vit.export.compile_for_inference`), the fastest CPU path.
     """
     if dtype not in ('bf16', 'fp16'):
         raise ValueError(f"dtype must be 'bf16' or 'fp16', got '{dtype}'")
@@ -115,6 +121,9 @@ def precision_check(
         half_model = create_model(model_name, images.shape[-2], images.shape[-1]).to(device).eval()
         half_model.load_state_dict(model.state_dict())
         half_model = half_model.to(half)
+    if freeze:
+        from ..export import compile_for_inference
+        half_model = compile_for_inference(half_model)
     ref, out = [], []
     for chunk in images.split(batch_size):
         x = (chunk.to(device).float() / 255 - mean) / std
@@ -146,4 +155,5 @@ def precision_check(
         rel_error=(err.max() / ref.abs().max()).item(),
         median_margin=margin.median().item(),
         weights=str(checkpoint) if checkpoint else 'random',
+        freeze=freeze,
     )

@@ -20,7 +20,7 @@ from .._io import atomic_write_bytes, atomic_write_text
 __all__ = ['write_results', 'read_results', 'fit_slope', 'plot_scaling', 'markdown_tables', 'COLUMNS']
 
 COLUMNS = (
-    'model', 'height', 'width', 'pixels', 'batch', 'mode', 'dtype', 'cast', 'device', 'threads', 'compile',
+    'model', 'height', 'width', 'pixels', 'batch', 'mode', 'dtype', 'cast', 'device', 'threads', 'compile', 'freeze',
     'channels_last', 'status', 'time_ms', 'time_q25_ms', 'time_q75_ms', 'time_min_ms', 'time_max_ms', 'reps',
     'img_per_s', 'peak_mib', 'baseline_mib', 'mem_method', 'gmacs', 'params_m', 'gflops', 'wall_s', 'error',
 )
@@ -79,14 +79,16 @@ def fit_slope(xs: Sequence[float], ys: Sequence[float]) -> float | None:
 
 
 def _group_key(row: dict[str, Any]) -> tuple:
-    return (row['mode'], row['dtype'], row.get('cast', 'none'), row['batch'], row['device'],
-            bool(row.get('compile')), bool(row.get('channels_last')))
+    compiled = ('frozen' if row.get('freeze') else 'compiled') if row.get('compile') else ''
+    return (row['mode'], row['dtype'], row.get('cast', 'none'), row['batch'], row['device'], compiled,
+            bool(row.get('channels_last')))
 
 
 def _group_title(key: tuple) -> str:
     mode, dtype, cast, batch, device, compiled, cl = key
     prec = dtype if dtype == 'fp32' else f'{dtype} ({cast})'
-    extra = (', compiled' if compiled else '') + (', channels-last' if cl else '')
+    extra = {'': '', 'compiled': ', compiled', 'frozen': ', compiled with frozen weights'}[compiled]
+    extra += ', channels-last' if cl else ''
     return f'{"inference" if mode == "infer" else "training step"}, {prec}, batch {batch}, {device}{extra}'
 
 
@@ -170,7 +172,7 @@ def plot_scaling(
         fig.tight_layout()
         mode, dtype, cast, batch, dev, compiled, cl = key
         name = f'{prefix}_{mode}_{dtype}{"" if dtype == "fp32" else "_" + cast}_b{batch}_{dev.replace(":", "")}'
-        name += ('_compiled' if compiled else '') + ('_cl' if cl else '') + '.png'
+        name += (f'_{compiled}' if compiled else '') + ('_cl' if cl else '') + '.png'
         path = Path(out_dir) / name
         path.parent.mkdir(parents=True, exist_ok=True)
         buf = io.BytesIO()

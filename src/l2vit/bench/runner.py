@@ -53,6 +53,8 @@ class BenchConfig:
         device: ``'cpu'``, ``'cuda'``, ``'cuda:1'``, ...
         threads: CPU threads (``torch.set_num_threads``); None keeps PyTorch's default.
         compile: Wrap the model in ``torch.compile``.
+        freeze: With ``compile``, for inference only: compile with the weights frozen into the graph
+            (:func:`l2vit.export.compile_for_inference`; on CPU oneDNN prepacks them and fuses pointwise ops).
         channels_last: Put the model and input in channels-last memory format.
         warmup: Untimed calls before timing (after the call that measures memory).
         min_reps: Fewest timed calls.
@@ -76,6 +78,7 @@ class BenchConfig:
     device: str = 'cpu'
     threads: int | None = None
     compile: bool = False
+    freeze: bool = False
     channels_last: bool = False
     warmup: int = 2
     min_reps: int = 5
@@ -113,13 +116,17 @@ class BenchConfig:
         if (self.dtype == 'fp32') != (self.cast == 'none'):
             raise ValueError(f"cast must be 'none' for fp32 and 'autocast' or 'model' otherwise, got dtype "
                              f"'{self.dtype}' with cast '{self.cast}'")
+        if self.freeze and not (self.compile and self.mode == 'infer'):
+            raise ValueError(f"freeze applies to compiled inference only (compile=True, mode='infer'), got "
+                             f"compile={self.compile}, mode='{self.mode}'")
         if min(self.height, self.width, self.batch) < 1:
             raise ValueError(f'height, width and batch must be positive, got {self.height}, {self.width}, '
                              f'{self.batch}')
 
     def label(self) -> str:
         prec = self.dtype if self.dtype == 'fp32' else f'{self.dtype}-{self.cast}'
-        extra = ''.join([' compiled' if self.compile else '', ' channels-last' if self.channels_last else ''])
+        compiled = (' compiled-frozen' if self.freeze else ' compiled') if self.compile else ''
+        extra = compiled + (' channels-last' if self.channels_last else '')
         if self.kind == 'mixer':
             name = f'mixer {self.model} d{self.dim}h{self.heads}'
         else:
@@ -264,7 +271,10 @@ def run_config(cfg: BenchConfig) -> dict[str, Any]:
             x = x.contiguous(memory_format=torch.channels_last)
         if cfg.dtype != 'fp32' and cfg.cast == 'model':
             model, x = model.to(DTYPES[cfg.dtype]), x.to(DTYPES[cfg.dtype])
-        if cfg.compile:
+        if cfg.freeze:
+            from ..export import compile_for_inference
+            model = compile_for_inference(model)
+        elif cfg.compile:
             model = torch.compile(model)
         fn = _step_fn(cfg, model, x, loss_fn)
         if cfg.memory:

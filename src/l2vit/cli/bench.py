@@ -34,7 +34,7 @@ DEFAULT_MODELS = ('l2vit_tiny', 'swin_tiny_patch4_window7_224', 'convnext_tiny',
 DEFAULT_SIZES = ('224', '384', '512', '768', '1024')
 DEFAULT_TOKENS = ('14', '28', '56', '112', '256')
 DEFAULT_BACKBONE_SIZES = ('224', '448', '896')
-_SWEEP_KEYS = ('models', 'sizes', 'batch_sizes', 'modes', 'dtypes', 'casts')
+_SWEEP_KEYS = ('models', 'sizes', 'batch_sizes', 'modes', 'dtypes', 'casts', 'compile', 'freeze')
 _MIXER_KEYS = ('mixers', 'mixer_dim', 'mixer_heads', 'tokens', 'backbone', 'backbone_sizes')
 
 
@@ -58,6 +58,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument('--device', default=None, help='cpu, cuda, cuda:1, ... (default: cuda if available, else cpu)')
     p.add_argument('--threads', type=int, default=None, help='CPU threads per configuration (default: PyTorch\'s)')
     p.add_argument('--compile', action='store_true', default=None, help='torch.compile every model')
+    p.add_argument('--freeze', action='store_true', default=None,
+                   help='compile inference with the weights frozen into the graph (l2vit.export.compile_for_inference:'
+                        ' oneDNN prepacks them and fuses pointwise ops; the fastest bf16 CPU path); implies '
+                        '--compile; training configurations are compiled without it')
     p.add_argument('--channels-last', action='store_true', default=None,
                    help='put every model and input in channels-last memory format')
     p.add_argument('--warmup', type=int, default=None, help='untimed calls before timing (default: 2)')
@@ -118,7 +122,7 @@ def _load_suite(path: str) -> dict[str, Any]:
     suite = yaml.safe_load(suite_path.read_text()) or {}
     if not isinstance(suite, dict):
         raise ValueError(f'{path}: a suite must be a mapping of settings, got {type(suite).__name__}')
-    known = {'name', 'sweeps', *_SWEEP_KEYS, *_MIXER_KEYS, 'device', 'threads', 'compile', 'channels_last', 'warmup',
+    known = {'name', 'sweeps', *_SWEEP_KEYS, *_MIXER_KEYS, 'device', 'threads', 'channels_last', 'warmup',
              'min_reps', 'min_time', 'max_time', 'timeout', 'memory', 'gemm', 'check_precision', 'checkpoint', 'plot',
              'out', 'memory_limit'}
     unknown = set(suite) - known
@@ -134,7 +138,7 @@ def _settings(args: argparse.Namespace) -> tuple[dict[str, Any], list[dict[str, 
     import torch
     settings: dict[str, Any] = dict(
         models=list(DEFAULT_MODELS), sizes=list(DEFAULT_SIZES), batch_sizes=[1], modes=['infer'], dtypes=['fp32'],
-        casts=['autocast'], device='cuda' if torch.cuda.is_available() else 'cpu', threads=None, compile=False,
+        casts=['autocast'], device='cuda' if torch.cuda.is_available() else 'cpu', threads=None, compile=False, freeze=False,
         channels_last=False, warmup=2, min_reps=5, min_time=2.0, max_time=60.0, timeout=900.0, memory=True,
         gemm=True, check_precision=None, checkpoint=None, plot=True, out='bench-results', memory_limit=None,
         mixers=None, mixer_dim=64, mixer_heads=2, tokens=list(DEFAULT_TOKENS), backbone='l2vit_tiny',
@@ -150,6 +154,8 @@ def _settings(args: argparse.Namespace) -> tuple[dict[str, Any], list[dict[str, 
                              f'mixer benchmark --tokens, --backbone and --backbone-sizes instead')
         if settings['channels_last']:
             raise ValueError('--channels-last does not apply to --mixers (mixer inputs are (B, H, W, C) tokens)')
+        if settings['freeze']:
+            raise ValueError('--freeze does not apply to --mixers (use --compile)')
     elif any(k in cli or k in suite for k in _MIXER_KEYS):
         given = sorted(k for k in _MIXER_KEYS if k in cli or k in suite)
         raise ValueError(f'{", ".join(given)} belong to the mixer benchmark: give --mixers too')
@@ -175,7 +181,9 @@ def _configs(settings: dict[str, Any], sweeps: list[dict[str, Any]]):
             for cast in (['none'] if dtype == 'fp32' else sweep['casts']):
                 cfg = BenchConfig(
                     model=model, height=h, width=w, batch=batch, mode=mode, dtype=dtype, cast=cast,
-                    device=settings['device'], threads=settings['threads'], compile=settings['compile'],
+                    device=settings['device'], threads=settings['threads'],
+                    compile=bool(sweep['compile'] or sweep['freeze']),
+                    freeze=bool(sweep['freeze'] and mode == 'infer'),
                     channels_last=settings['channels_last'], warmup=settings['warmup'],
                     min_reps=settings['min_reps'], min_time=settings['min_time'], max_time=settings['max_time'],
                     memory=settings['memory'])
@@ -248,11 +256,16 @@ def run(args: argparse.Namespace) -> int:
     if settings['check_precision']:
         from ..bench.precision import precision_check
         env['precision'] = []
+        # every bf16 path the sweep times: autocast and model cast, and compiled with frozen weights if it has that
+        paths = [('autocast', False), ('model', False)]
+        paths += sorted({(c.cast, True) for c in configs if c.freeze and c.dtype == 'bf16'})
         for model in settings['check_precision']:
-            for cast in ('autocast', 'model'):
-                rep = precision_check(model, 'bf16', cast, checkpoint=settings['checkpoint'], device=device)
+            for cast, freeze in paths:
+                rep = precision_check(model, 'bf16', cast, checkpoint=settings['checkpoint'], device=device,
+                                      freeze=freeze)
                 env['precision'].append(rep.as_dict())
-                print(f'precision {model} bf16 {cast}: top-1 agreement {rep.top1_agreement:.3f} on {rep.images} '
+                how = cast + (', frozen' if freeze else '')
+                print(f'precision {model} bf16 {how}: top-1 agreement {rep.top1_agreement:.3f} on {rep.images} '
                       f'photos ({rep.weights} weights; {rep.decisive_images} decisive: {rep.decisive_agreement}), '
                       f'max |Δlogit| {rep.max_abs_error:.3g}', flush=True)
     if mixers:

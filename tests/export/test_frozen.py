@@ -1,0 +1,51 @@
+"""compile_for_inference: inductor with frozen weights, the fastest half-precision CPU path."""
+from __future__ import annotations
+
+import pytest
+import timm
+import torch
+from torch._dynamo.utils import counters
+
+from l2vit.export import FrozenInference, compile_for_inference
+
+
+def test_wrapper_is_inference_only_and_keeps_one_state_dict():
+    model = timm.create_model('test_l2vit')
+    frozen = compile_for_inference(model)
+    assert isinstance(frozen, FrozenInference) and frozen.model is model and not model.training
+    assert list(frozen.state_dict()) == [f'model.{k}' for k in model.state_dict()]
+    assert frozen.eval() is frozen and frozen.dtype == torch.float32
+    with pytest.raises(RuntimeError, match='inference only'):
+        frozen.train()
+    with pytest.raises(ValueError, match='floating-point dtype'):
+        compile_for_inference(model, dtype=torch.int8)
+
+
+@pytest.mark.slow
+def test_frozen_model_matches_eager_with_prepacked_weights():
+    torch._dynamo.reset()
+    counters.clear()
+    torch.manual_seed(0)
+    model = timm.create_model('test_l2vit').eval()
+    x = torch.randn(2, 3, 96, 128)
+    with torch.no_grad():
+        ref = model(x)
+    out = compile_for_inference(model)(x)
+    assert out.dtype == torch.float32 and not out.requires_grad
+    torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4)
+    if torch.backends.mkldnn.is_available():  # frozen weights are what lets inductor prepack them for oneDNN
+        assert counters['inductor']['mkldnn_linear_weight_pack_matcher_count'] > 0
+        assert counters['inductor']['mkldnn_conv_weight_pack_matcher_count'] > 0
+
+
+@pytest.mark.slow
+def test_frozen_bf16_model_is_close_to_fp32():
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    model = timm.create_model('test_l2vit').eval()
+    x = torch.randn(2, 3, 96, 128)
+    with torch.no_grad():
+        ref = model(x)
+    out = compile_for_inference(model, dtype=torch.bfloat16)(x)  # fp32 input, cast by the wrapper
+    assert out.dtype == torch.bfloat16 and next(model.parameters()).dtype == torch.bfloat16
+    assert ((out.float() - ref).abs().max() / ref.abs().max()).item() < 3e-2
