@@ -141,36 +141,64 @@ def test_targets_from_rows():
     assert '**missed**' in text and 'not measured' in text and '150 of 200 GFLOP/s' in text
 
 
-def test_bf16_target_compares_the_fastest_paths():
-    def row(tp, dtype='fp32', cast='none', compile=False, freeze=False):
-        return dict(model='l2vit_tiny', height=224, width=224, batch=16, mode='infer', dtype=dtype, cast=cast,
-                    device='cpu', status='ok', img_per_s=tp, compile=compile, freeze=freeze)
+def _b16(tp, dtype='bf16', cast='autocast', compile=False, freeze=False, model='l2vit_tiny'):
+    return dict(model=model, height=224, width=224, batch=16, mode='infer', dtype=dtype, cast=cast, device='cpu',
+                status='ok', img_per_s=tp, compile=compile, freeze=freeze)
 
-    def bf16_target(rows):
-        return next(t for t in evaluate_targets(rows, {}) if t.name.startswith('bf16 224'))
-    eager = [row(20), row(40, 'bf16', 'autocast'), row(42, 'bf16', 'model')]
-    t = bf16_target(eager)
-    assert t.value == pytest.approx(2.1) and not t.passed and 'bf16 model ÷ fp32' in t.detail
+
+def _bf16_targets(rows, env=None):
+    targets = evaluate_targets(rows, env or {})
+    speed = next(t for t in targets if t.name.startswith('bf16 224'))
+    agreement = next((t for t in targets if 'agreement' in t.name), None)
+    return speed, agreement
+
+
+def test_bf16_target_compares_the_fastest_paths():
+    eager = [_b16(20, 'fp32', 'none'), _b16(40), _b16(42, cast='model')]
+    t, _ = _bf16_targets(eager)
+    assert t.value == pytest.approx(2.1) and not t.passed and t.detail == 'bf16 model ÷ fp32'
     # a frozen compiled bf16 model is an inference path too; a slower compiled fp32 row does not lower the baseline
-    t = bf16_target(eager + [row(56, 'bf16', 'model', compile=True, freeze=True), row(18, compile=True, freeze=True)])
+    frozen = _b16(56, cast='model', compile=True, freeze=True)
+    t, _ = _bf16_targets(eager + [frozen, _b16(18, 'fp32', 'none', compile=True, freeze=True)])
     assert t.value == pytest.approx(2.8) and t.passed
-    assert t.detail == 'fastest paths: bf16 model, compiled with frozen weights ÷ fp32'
+    assert t.detail == 'bf16 model, compiled with frozen weights ÷ fp32'
     # a faster compiled fp32 row raises it
-    t = bf16_target(eager + [row(56, 'bf16', 'model', compile=True, freeze=True), row(28, compile=True)])
+    t, _ = _bf16_targets(eager + [frozen, _b16(28, 'fp32', 'none', compile=True)])
     assert t.value == pytest.approx(2.0) and t.detail.endswith('÷ fp32, compiled')
     # the other targets still read eager rows only
-    swin = dict(row(10), model='swin_tiny_patch4_window7_224')
-    t16 = next(t for t in evaluate_targets(eager + [row(40, compile=True), swin], {}) if 'batch 16: l2vit' in t.name)
+    t16 = next(t for t in evaluate_targets(eager + [_b16(40, 'fp32', 'none', compile=True),
+                                                    _b16(10, 'fp32', 'none', model='swin_tiny_patch4_window7_224')],
+                                           {}) if 'batch 16: l2vit' in t.name)
     assert t16.value == pytest.approx(2.0)
 
 
-def test_bf16_agreement_target_takes_the_worst_path():
+def test_bf16_targets_judge_one_path_that_is_fast_and_agrees():
     rep = dict(model='l2vit_tiny', dtype='bf16', images=64, weights='random', decisive_images=40,
                decisive_agreement=1.0, max_abs_error=0.02, rel_error=0.001)
     env = {'precision': [dict(rep, cast='autocast', top1_agreement=1.0),
+                         dict(rep, cast='model', top1_agreement=0.98),
+                         dict(rep, cast='autocast', top1_agreement=0.995, freeze=True),
                          dict(rep, cast='model', top1_agreement=0.98, freeze=True)]}
-    t = next(t for t in evaluate_targets([dict(model='x', device='cpu')], env) if 'agreement' in t.name)
-    assert t.value == 0.98 and not t.passed and 'worst of 2 paths: model, compiled with frozen weights' in t.detail
+    fp32 = _b16(20, 'fp32', 'none')
+    # the fastest path (model cast, frozen) flips too many images: the fastest one that agrees is judged
+    rows = [fp32, _b16(30), _b16(35, cast='model'), _b16(54, compile=True, freeze=True),
+            _b16(58, cast='model', compile=True, freeze=True)]
+    speed, agreement = _bf16_targets(rows, env)
+    assert speed.value == pytest.approx(2.7) and speed.passed
+    assert speed.detail == ('bf16 autocast, compiled with frozen weights ÷ fp32; fastest bf16 path bf16 model, '
+                            'compiled with frozen weights: 2.900')
+    assert agreement.value == 0.995 and agreement.passed
+    assert 'the path above: autocast, compiled with frozen weights' in agreement.detail
+    assert 'every path: autocast 1.000, model 0.980, autocast, compiled with frozen weights 0.995' in agreement.detail
+    # no path both checked and agreeing: the fastest is judged, and misses
+    rows = [fp32, _b16(35, cast='model'), _b16(58, cast='model', compile=True, freeze=True)]
+    env_bad = {'precision': [p for p in env['precision'] if p['cast'] == 'model']}
+    speed, agreement = _bf16_targets(rows, env_bad)
+    assert speed.value == pytest.approx(2.9) and agreement.value == 0.98 and not agreement.passed
+    # a plain compiled path is never checked: the worst agreement stands in for it
+    speed, agreement = _bf16_targets([fp32, _b16(40, cast='model', compile=True)], env_bad)
+    assert speed.value == pytest.approx(2.0)
+    assert agreement.value == 0.98 and 'worst path (the path above was not checked): model' in agreement.detail
 
 
 def test_cli_freeze_applies_to_inference_configs():

@@ -17,8 +17,10 @@ def test_wrapper_is_inference_only_and_keeps_one_state_dict():
     assert frozen.eval() is frozen and frozen.dtype == torch.float32
     with pytest.raises(RuntimeError, match='inference only'):
         frozen.train()
-    with pytest.raises(ValueError, match='floating-point dtype'):
+    with pytest.raises(ValueError, match='dtype must be a floating-point torch dtype'):
         compile_for_inference(model, dtype=torch.int8)
+    with pytest.raises(ValueError, match='autocast must be a floating-point torch dtype'):
+        compile_for_inference(model, autocast='bf16')
 
 
 @pytest.mark.slow
@@ -48,4 +50,17 @@ def test_frozen_bf16_model_is_close_to_fp32():
         ref = model(x)
     out = compile_for_inference(model, dtype=torch.bfloat16)(x)  # fp32 input, cast by the wrapper
     assert out.dtype == torch.bfloat16 and next(model.parameters()).dtype == torch.bfloat16
+    assert ((out.float() - ref).abs().max() / ref.abs().max()).item() < 3e-2
+
+
+@pytest.mark.slow
+def test_frozen_autocast_keeps_fp32_weights_and_is_close():
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    model = timm.create_model('test_l2vit').eval()
+    x = torch.randn(2, 3, 96, 128)
+    with torch.no_grad():
+        ref = model(x)
+    out = compile_for_inference(model, autocast=torch.bfloat16)(x)
+    assert out.dtype == torch.bfloat16 and next(model.parameters()).dtype == torch.float32
     assert ((out.float() - ref).abs().max() / ref.abs().max()).item() < 3e-2

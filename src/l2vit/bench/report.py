@@ -17,7 +17,8 @@ from typing import Any
 
 from .._io import atomic_write_bytes, atomic_write_text
 
-__all__ = ['write_results', 'read_results', 'fit_slope', 'plot_scaling', 'markdown_tables', 'COLUMNS']
+__all__ = ['write_results', 'read_results', 'fit_slope', 'plot_scaling', 'markdown_tables', 'results_markdown',
+           'COLUMNS']
 
 COLUMNS = (
     'model', 'height', 'width', 'pixels', 'batch', 'mode', 'dtype', 'cast', 'device', 'threads', 'compile', 'freeze',
@@ -242,3 +243,22 @@ def markdown_tables(rows: Sequence[dict[str, Any]], reference: str = 'l2vit_tiny
             out.append('| ' + ' | '.join(line) + ' |')
         out.append('')
     return '\n'.join(out)
+
+
+def results_markdown(environment: dict[str, Any], rows: Sequence[dict[str, Any]]) -> tuple[str, list]:
+    """``results.md`` of a model sweep: header, one table per group and the project's targets the run covers.
+
+    Returns ``(markdown, targets)``; ``targets`` is empty when the run covers none of them. It reads rows and
+    environment only, so a saved ``results.json`` can be rendered again (e.g. after a target's rule changed).
+    """
+    from .targets import evaluate_targets, format_targets
+    targets = evaluate_targets(list(rows), environment)
+    if all(t.value is None for t in targets):
+        targets = []  # the run covers none of them
+    env = environment
+    md = [f'# Benchmark: {env.get("suite", "")}\n', f'{env.get("device_name")}; torch {env.get("torch")}, timm '
+          f'{env.get("timm")}, l2vit {env.get("l2vit")}; {env.get("threads")} threads; {env.get("date")}\n',
+          markdown_tables(rows)]
+    if targets:
+        md += ['## Targets\n', format_targets(targets), '']
+    return '\n'.join(md), targets

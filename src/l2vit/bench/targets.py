@@ -67,6 +67,22 @@ def _ratio(a, b, key='img_per_s'):
     return a[key] / b[key]
 
 
+AGREEMENT = 0.99  # bf16 top-1 agreement with fp32 the issue asks for
+
+
+def _report(prec, row):
+    """The precision report of the bf16 path ``row`` ran (eager or frozen, same cast), or None: plain compiled
+    paths are not checked."""
+    frozen = bool(row.get('compile') and row.get('freeze'))
+    if row.get('compile') and not frozen:
+        return None
+    return next((p for p in prec if p['cast'] == row.get('cast') and bool(p.get('freeze')) == frozen), None)
+
+
+def _report_path(p) -> str:
+    return p['cast'] + (', compiled with frozen weights' if p.get('freeze') else '')
+
+
 def _cpu_targets(rows, env) -> list[Target]:
     out = []
     for batch, bound in ((1, 1.0), (16, 1.15)):
@@ -77,20 +93,29 @@ def _cpu_targets(rows, env) -> list[Target]:
     eff = r16['gflops'] / gemm if r16 and r16.get('gflops') and gemm else None
     out.append(Target(f'fp32 224² batch 16: {REF} share of the fp32 GEMM rate', eff, 0.70,
                       detail=f'{r16["gflops"]:.0f} of {gemm:.0f} GFLOP/s' if eff is not None else ''))
-    # our fastest bf16 inference path against our fastest fp32 one (a slow fp32 path must not flatter the ratio)
-    bf16, fp32 = _fastest(rows, REF, 224, 16, 'bf16'), _fastest(rows, REF, 224, 16, 'fp32')
-    ratio = _ratio(bf16, fp32)
-    out.append(Target(f'bf16 224² batch 16: {REF} ÷ its fp32 throughput', ratio, 2.5,
-                      detail=f'fastest paths: {_path(bf16)} ÷ {_path(fp32)}' if ratio is not None else ''))
+    # The issue asks for one bf16 inference path that is both fast and faithful: the path judged is the fastest one
+    # whose top-1 agreement was checked and reaches the bound, else the fastest one. Its speed is divided by our
+    # fastest fp32 path (a slow fp32 path must not flatter the ratio); every path's agreement is listed.
     prec = [p for p in env.get('precision', []) if p.get('model') == REF and p.get('dtype') == 'bf16']
+    bf16_rows = sorted(_rows(rows, REF, 224, 16, dtype='bf16', eager=False), key=lambda r: -(r.get('img_per_s') or 0))
+    agreeing = [r for r in bf16_rows if (_report(prec, r) or {}).get('top1_agreement', 0) >= AGREEMENT]
+    bf16 = agreeing[0] if agreeing else (bf16_rows[0] if bf16_rows else None)
+    fp32 = _fastest(rows, REF, 224, 16, 'fp32')
+    ratio = _ratio(bf16, fp32)
+    detail = f'{_path(bf16)} ÷ {_path(fp32)}' if ratio is not None else ''
+    if ratio is not None and bf16 is not bf16_rows[0]:
+        detail += f'; fastest bf16 path {_path(bf16_rows[0])}: {_ratio(bf16_rows[0], fp32):.3f}'
+    out.append(Target(f'bf16 224² batch 16: {REF} ÷ its fp32 throughput', ratio, 2.5, detail=detail))
     if prec:
-        p = min(prec, key=lambda p: p['top1_agreement'])  # every bf16 path checked must agree
-        how = p['cast'] + (', compiled with frozen weights' if p.get('freeze') else '')
+        p = _report(prec, bf16) if bf16 is not None else None
+        which = 'the path above' if p else 'worst path (the path above was not checked)'
+        p = p or min(prec, key=lambda p: p['top1_agreement'])
+        others = ', '.join(f'{_report_path(q)} {q["top1_agreement"]:.3f}' for q in prec)
         out.append(Target(f'bf16 top-1 agreement with fp32 ({p["images"]} photos, {p["weights"]} weights)',
-                          p['top1_agreement'], 0.99,
-                          detail=f'worst of {len(prec)} paths: {how}; decisive images {p["decisive_images"]}: '
+                          p['top1_agreement'], AGREEMENT,
+                          detail=f'{which}: {_report_path(p)}; decisive images {p["decisive_images"]}: '
                                  f'{p["decisive_agreement"]}; max |Δlogit| {p["max_abs_error"]:.3g} '
-                                 f'({100 * p["rel_error"]:.2f}% of max |logit|)'))
+                                 f'({100 * p["rel_error"]:.2f}% of max |logit|); every path: {others}'))
     m512, m1024 = _find(rows, REF, 512, 1), _find(rows, REF, 1024, 1)
     out.append(Target(f'fp32 batch 1: {REF} peak memory 1024² ÷ 512²', _ratio(m1024, m512, 'peak_mib'), 4.5,
                       upper=True))

@@ -230,9 +230,9 @@ def run(args: argparse.Namespace) -> int:
     from .._io import atomic_write_text
     from ..bench.env import environment
     from ..bench.gemm import gemm_gflops
-    from ..bench.report import markdown_tables, plot_scaling, write_results
+    from ..bench.report import plot_scaling, results_markdown, write_results
     from ..bench.runner import DTYPES, run_sweep
-    from ..bench.targets import evaluate_targets, format_targets
+    from ..bench.targets import format_targets
     settings, sweeps = _settings(args)
     mixers = bool(settings['mixers'])
     configs = list(_mixer_configs(settings) if mixers else _configs(settings, sweeps))
@@ -279,14 +279,8 @@ def run(args: argparse.Namespace) -> int:
 
     run_sweep(configs, timeout=settings['timeout'], on_result=on_result, memory_limit_mib=settings['memory_limit'])
     plots = plot_scaling(rows, out, env) if settings['plot'] else []
-    targets = evaluate_targets(rows, env)
-    if all(t.value is None for t in targets):
-        targets = []  # the run covers none of them
-    md = [f'# Benchmark: {env["suite"]}\n', f'{env["device_name"]}; torch {env["torch"]}, timm {env["timm"]}, '
-          f'l2vit {env["l2vit"]}; {env["threads"]} threads; {env["date"]}\n', markdown_tables(rows)]
-    if targets:
-        md += ['## Targets\n', format_targets(targets), '']
-    atomic_write_text(out / 'results.md', '\n'.join(md))
+    md, targets = results_markdown(env, rows)
+    atomic_write_text(out / 'results.md', md)
     print(f'wrote {out / "results.csv"}, results.json, results.md' + (f' and {len(plots)} plot(s)' if plots else ''))
     if targets:
         print(format_targets(targets))
