@@ -111,3 +111,19 @@ def test_predict_uses_imagenet_names_for_1000_classes(tmp_path, capsys):
     label = json.loads(capsys.readouterr().out)['predictions'][0]['topk'][0]['label']
     from timm.data import ImageNetInfo
     assert label in ImageNetInfo().label_descriptions()
+
+
+@pytest.mark.slow
+def test_eval_and_predict_frozen(run, tmp_path, capsys):
+    run_dir, data = run
+    torch._dynamo.reset()
+    plain = _eval_json(capsys, '--checkpoint', str(run_dir), '--batch-size', '5')
+    frozen = _eval_json(capsys, '--checkpoint', str(run_dir), '--batch-size', '5', '--freeze')  # 5, 5, 2: a recompile
+    assert frozen['images'] == plain['images'] == 12 and frozen['top1'] == plain['top1']
+    assert frozen['loss'] == pytest.approx(plain['loss'], rel=1e-4)
+    image = str(data / 'val' / 'class_0' / '0.png')
+    assert main(['predict', image, '--checkpoint', str(run_dir), '--json']) == 0
+    ref = json.loads(capsys.readouterr().out)['predictions'][0]['topk']
+    assert main(['predict', image, '--checkpoint', str(run_dir), '--json', '--freeze', '--amp', 'bf16']) == 0
+    top = json.loads(capsys.readouterr().out)['predictions'][0]['topk']
+    assert top[0]['index'] == ref[0]['index'] and top[0]['prob'] == pytest.approx(ref[0]['prob'], abs=0.02)

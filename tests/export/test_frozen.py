@@ -13,6 +13,7 @@ def test_wrapper_is_inference_only_and_keeps_one_state_dict():
     model = timm.create_model('test_l2vit')
     frozen = compile_for_inference(model)
     assert isinstance(frozen, FrozenInference) and frozen.model is model and not model.training
+    assert not frozen.training and frozen.train(False) is frozen  # restoring eval mode, as evaluate() does
     assert list(frozen.state_dict()) == [f'model.{k}' for k in model.state_dict()]
     assert frozen.eval() is frozen and frozen.dtype == torch.float32
     with pytest.raises(RuntimeError, match='inference only'):

@@ -54,7 +54,7 @@ def run(args: argparse.Namespace) -> int:
     files = collect_images(args.images)
     if args.topk < 1:
         raise ValueError('--topk must be >= 1')
-    im, transform, device, amp = load_for_inference(args)
+    im, transform, device, amp, net = load_for_inference(args)
     names = class_names_for(im.model.num_classes, im.class_names)
     k = min(args.topk, im.model.num_classes)
     results = []
@@ -71,7 +71,7 @@ def run(args: argparse.Namespace) -> int:
         if not batch:
             continue
         with torch.no_grad(), torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
-            probs = im.model(torch.stack(batch).to(device)).float().softmax(dim=-1)
+            probs = net(torch.stack(batch).to(device)).float().softmax(dim=-1)
         top = probs.topk(k, dim=-1)
         for f, p, i in zip(kept, top.values.tolist(), top.indices.tolist()):
             results.append({'file': str(f), 'topk': [{'index': c, 'label': names[c], 'prob': round(q, 6)}

@@ -40,6 +40,7 @@ class FrozenInference(nn.Module):
         self.autocast = autocast
         # not registered as a submodule: it is the same model, and would repeat it in state_dict()
         self.__dict__['_compiled'] = torch.compile(self.model, dynamic=dynamic)
+        super().train(False)  # the wrapper itself reports eval mode too (code that saves and restores .training)
 
     def train(self, mode: bool = True) -> FrozenInference:
         if mode:
