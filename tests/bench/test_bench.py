@@ -64,7 +64,8 @@ def test_config_validation():
         BenchConfig('m', 224, 224, freeze=True)
     with pytest.raises(ValueError, match='freeze applies to compiled inference only'):
         BenchConfig('m', 224, 224, compile=True, freeze=True, mode='train')
-    assert BenchConfig('m', 224, 224, compile=True, freeze=True).label() == 'm 224x224 b1 infer fp32 cpu compiled-frozen'
+    frozen = BenchConfig('m', 224, 224, compile=True, freeze=True)
+    assert frozen.label() == 'm 224x224 b1 infer fp32 cpu compiled-frozen'
 
 
 def test_run_config_in_process_rows():

@@ -24,15 +24,20 @@ def test_wrapper_is_inference_only_and_keeps_one_state_dict():
         compile_for_inference(model, autocast='bf16')
 
 
-@pytest.mark.slow
-def test_frozen_model_matches_eager_with_prepacked_weights():
+def _model_input_and_reference():
+    """A fresh dynamo cache, ``test_l2vit`` in eval mode, an input and the eager fp32 output for it."""
     torch._dynamo.reset()
-    counters.clear()
     torch.manual_seed(0)
     model = timm.create_model('test_l2vit').eval()
     x = torch.randn(2, 3, 96, 128)
     with torch.no_grad():
-        ref = model(x)
+        return model, x, model(x)
+
+
+@pytest.mark.slow
+def test_frozen_model_matches_eager_with_prepacked_weights():
+    model, x, ref = _model_input_and_reference()
+    counters.clear()
     out = compile_for_inference(model)(x)
     assert out.dtype == torch.float32 and not out.requires_grad
     torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4)
@@ -42,26 +47,12 @@ def test_frozen_model_matches_eager_with_prepacked_weights():
 
 
 @pytest.mark.slow
-def test_frozen_bf16_model_is_close_to_fp32():
-    torch._dynamo.reset()
-    torch.manual_seed(0)
-    model = timm.create_model('test_l2vit').eval()
-    x = torch.randn(2, 3, 96, 128)
-    with torch.no_grad():
-        ref = model(x)
-    out = compile_for_inference(model, dtype=torch.bfloat16)(x)  # fp32 input, cast by the wrapper
-    assert out.dtype == torch.bfloat16 and next(model.parameters()).dtype == torch.bfloat16
-    assert ((out.float() - ref).abs().max() / ref.abs().max()).item() < 3e-2
-
-
-@pytest.mark.slow
-def test_frozen_autocast_keeps_fp32_weights_and_is_close():
-    torch._dynamo.reset()
-    torch.manual_seed(0)
-    model = timm.create_model('test_l2vit').eval()
-    x = torch.randn(2, 3, 96, 128)
-    with torch.no_grad():
-        ref = model(x)
-    out = compile_for_inference(model, autocast=torch.bfloat16)(x)
-    assert out.dtype == torch.bfloat16 and next(model.parameters()).dtype == torch.float32
+@pytest.mark.parametrize('kwargs, weight_dtype', [
+    ({'dtype': torch.bfloat16}, torch.bfloat16),  # a bf16 model; fp32 input, cast by the wrapper
+    ({'autocast': torch.bfloat16}, torch.float32),  # fp32 weights under bf16 autocast
+], ids=['bf16_model', 'bf16_autocast'])
+def test_frozen_bf16_is_close_to_fp32(kwargs, weight_dtype):
+    model, x, ref = _model_input_and_reference()
+    out = compile_for_inference(model, **kwargs)(x)
+    assert out.dtype == torch.bfloat16 and next(model.parameters()).dtype == weight_dtype
     assert ((out.float() - ref).abs().max() / ref.abs().max()).item() < 3e-2

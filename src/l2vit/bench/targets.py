@@ -53,12 +53,15 @@ def _fastest(rows, model, size, batch, dtype):
     return max(found, key=lambda r: r['img_per_s']) if found else None
 
 
+def _compiled(compile, freeze) -> str:
+    return (', compiled with frozen weights' if freeze else ', compiled') if compile else ''
+
+
 def _path(row) -> str:
     """How a row ran: precision and cast, compiled or frozen."""
     prec = row['dtype'] if row['dtype'] == 'fp32' else f'{row["dtype"]} {row.get("cast", "")}'.strip()
-    if row.get('compile'):
-        prec += ', compiled with frozen weights' if row.get('freeze') else ', compiled'
-    return prec + (', channels-last' if row.get('channels_last') else '')
+    layout = ', channels-last' if row.get('channels_last') else ''
+    return prec + _compiled(row.get('compile'), row.get('freeze')) + layout
 
 
 def _ratio(a, b, key='img_per_s'):
@@ -80,7 +83,8 @@ def _report(prec, row):
 
 
 def _report_path(p) -> str:
-    return p['cast'] + (', compiled with frozen weights' if p.get('freeze') else '')
+    """How a precision report's bf16 path ran (it is frozen or eager, never plainly compiled)."""
+    return p['cast'] + _compiled(p.get('freeze'), p.get('freeze'))
 
 
 def _cpu_targets(rows, env) -> list[Target]:

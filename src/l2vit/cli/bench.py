@@ -138,10 +138,10 @@ def _settings(args: argparse.Namespace) -> tuple[dict[str, Any], list[dict[str, 
     import torch
     settings: dict[str, Any] = dict(
         models=list(DEFAULT_MODELS), sizes=list(DEFAULT_SIZES), batch_sizes=[1], modes=['infer'], dtypes=['fp32'],
-        casts=['autocast'], device='cuda' if torch.cuda.is_available() else 'cpu', threads=None, compile=False, freeze=False,
-        channels_last=False, warmup=2, min_reps=5, min_time=2.0, max_time=60.0, timeout=900.0, memory=True,
-        gemm=True, check_precision=None, checkpoint=None, plot=True, out='bench-results', memory_limit=None,
-        mixers=None, mixer_dim=64, mixer_heads=2, tokens=list(DEFAULT_TOKENS), backbone='l2vit_tiny',
+        casts=['autocast'], device='cuda' if torch.cuda.is_available() else 'cpu', threads=None, compile=False,
+        freeze=False, channels_last=False, warmup=2, min_reps=5, min_time=2.0, max_time=60.0, timeout=900.0,
+        memory=True, gemm=True, check_precision=None, checkpoint=None, plot=True, out='bench-results',
+        memory_limit=None, mixers=None, mixer_dim=64, mixer_heads=2, tokens=list(DEFAULT_TOKENS), backbone='l2vit_tiny',
         backbone_sizes=list(DEFAULT_BACKBONE_SIZES))
     suite = _load_suite(args.suite) if args.suite else {}
     settings.update({k: v for k, v in suite.items() if k != 'sweeps'})

@@ -83,7 +83,7 @@ def load_for_inference(args: argparse.Namespace, device=None):
     transform = create_transform(**data_cfg, is_training=False)
     amp = {'none': None, 'bf16': torch.bfloat16, 'fp16': torch.float16}[args.amp]
     net = im.model
-    if getattr(args, 'freeze', False):
+    if args.freeze:
         from ..export import compile_for_inference
         net = compile_for_inference(im.model)
     return im, transform, device, amp, net
