@@ -2,6 +2,7 @@
 from ._fastpath import fast_paths
 from ._registry import create_mixer, get_mixer, is_local_mixer, list_mixers, register_mixer
 from .cpe import ConvPosEnc
+from .dwconv import depthwise_conv2d, depthwise_weight_grad
 from .lcm import LocalConcentration
 from .mixers import (
     TEMPERATURE_PLACEMENTS,

@@ -5,6 +5,7 @@ import torch
 from torch import nn
 
 from ._fastpath import activation, can_overwrite, frozen_bn_affine, unobserved
+from .dwconv import depthwise_conv2d
 
 __all__ = ['LocalConcentration']
 
@@ -38,9 +39,11 @@ class LocalConcentration(nn.Module):
         self.conv2 = nn.Conv2d(dim, dim, kernel_size, padding=pad, groups=dim, bias=True, **dd)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.conv1(x.permute(0, 3, 1, 2))  # B, C, H, W as a channels_last view: no copy either way
-        x = self.bn(self.act(x)) if torch.jit.is_scripting() else self._act_bn(x)
-        x = self.conv2(x)
+        x = x.permute(0, 3, 1, 2)  # B, C, H, W as a channels_last view: no copy either way
+        if torch.jit.is_scripting():
+            x = self.conv2(self.bn(self.act(self.conv1(x))))
+        else:
+            x = depthwise_conv2d(self.conv2, self._act_bn(depthwise_conv2d(self.conv1, x)))
         return x.permute(0, 2, 3, 1)
 
     @torch.jit.unused
