@@ -48,7 +48,6 @@ class _DepthwiseConv2d(torch.autograd.Function):
     def forward(ctx, x, weight, bias, padding):
         ctx.save_for_backward(x, weight)
         ctx.padding = padding
-        ctx.has_bias = bias is not None
         return F.conv2d(x, weight, bias, padding=padding, groups=weight.shape[0])
 
     @staticmethod
@@ -65,7 +64,7 @@ class _DepthwiseConv2d(torch.autograd.Function):
                 [True, False, False])[0]
         if need_w:
             grad_w = depthwise_weight_grad(x, grad_y, k)
-        if need_b and ctx.has_bias:
+        if need_b:  # False when bias is None
             grad_b = grad_y.sum((0, 2, 3))
         return grad_x, grad_w, grad_b, None
 
@@ -90,6 +89,6 @@ def _fast_route(conv: nn.Conv2d, x: torch.Tensor) -> bool:
 def depthwise_conv2d(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
     """``conv(x)`` for a depth-wise ``nn.Conv2d``, through l2vit's weight-gradient kernel where that is exactly the
     same computation (see the module docstring); the parameters stay ``conv``'s, so checkpoints are unchanged."""
-    if torch.jit.is_scripting() or not _fast_route(conv, x):
+    if not _fast_route(conv, x):
         return conv(x)
     return _DepthwiseConv2d.apply(x, conv.weight, conv.bias, conv.padding)
