@@ -24,6 +24,27 @@ def test_wrapper_is_inference_only_and_keeps_one_state_dict():
         compile_for_inference(model, autocast='bf16')
 
 
+def test_wrapper_applies_its_autocast_and_keeps_the_callers():
+    """``autocast=`` runs calls under autocast; without it, an autocast around the call still applies (a frozen model
+    under the caller's ``torch.autocast`` must not silently run in fp32)."""
+    seen = []
+
+    def record(x):
+        seen.append((torch.is_autocast_enabled('cpu'), torch.get_autocast_dtype('cpu'),
+                     torch.is_inference_mode_enabled()))
+        return x
+
+    x = torch.randn(1, 3, 32, 32)
+    for kwargs in ({}, {'autocast': torch.bfloat16}):
+        frozen = compile_for_inference(timm.create_model('test_l2vit'), **kwargs)
+        frozen.__dict__['_compiled'] = record  # the wrapper's contract, without compiling
+        frozen(x)
+        with torch.autocast('cpu', dtype=torch.bfloat16):
+            frozen(x)
+    assert seen == [(False, torch.bfloat16, True), (True, torch.bfloat16, True),
+                    (True, torch.bfloat16, True), (True, torch.bfloat16, True)]
+
+
 def _model_input_and_reference():
     """A fresh dynamo cache, ``test_l2vit`` in eval mode, an input and the eager fp32 output for it."""
     torch._dynamo.reset()

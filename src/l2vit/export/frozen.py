@@ -13,6 +13,8 @@ other constants may see the new ones); build a new frozen model instead.
 """
 from __future__ import annotations
 
+import contextlib
+
 import torch
 from torch import nn
 
@@ -51,8 +53,10 @@ class FrozenInference(nn.Module):
         if self.dtype is not None and x.is_floating_point() and x.dtype != self.dtype:
             x = x.to(self.dtype)
         # freezing is read when a graph is compiled (the first call, or a recompile for a new input shape)
-        with torch._inductor.config.patch(freezing=True), torch.inference_mode(), torch.autocast(
-                x.device.type, dtype=self.autocast, enabled=self.autocast is not None):
+        # without an autocast of its own the caller's autocast state stands (an outer torch.autocast still applies)
+        amp = (torch.autocast(x.device.type, dtype=self.autocast) if self.autocast is not None
+               else contextlib.nullcontext())
+        with torch._inductor.config.patch(freezing=True), torch.inference_mode(), amp:
             return self._compiled(x)
 
 
