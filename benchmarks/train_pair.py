@@ -7,12 +7,11 @@ same workload as `l2vit bench --mode train`.
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 
 import torch
 
 from l2vit.bench.runner import BenchConfig, _step_fn, _workload
+from l2vit.bench.timing import time_interleaved
 from l2vit.layers import fast_paths
 
 
@@ -34,21 +33,14 @@ def main() -> None:
 
     runs = {'l2vit_tiny': steps['l2vit_tiny'], 'l2vit_tiny (no l2vit kernels)': without_kernels,
             'swin_tiny_patch4_window7_224': steps['swin_tiny_patch4_window7_224']}
-    for step in runs.values():  # warm-up (and the kernel build on first use)
-        step()
-        step()
-    times = {k: [] for k in runs}
-    for _ in range(args.rounds):
-        for name, step in runs.items():
-            t = time.perf_counter()
-            step()
-            times[name].append(time.perf_counter() - t)
-    swin = statistics.median(times['swin_tiny_patch4_window7_224'])
+    # two warm-up rounds (the first builds l2vit's kernels on first use), then rounds in rotating order
+    stats = dict(zip(runs, time_interleaved(list(runs.values()), warmup=2, min_reps=args.rounds, min_time=0.0,
+                                            max_reps=args.rounds)))
+    swin = stats['swin_tiny_patch4_window7_224'].median
     print(f'torch {torch.__version__}, {args.threads} threads, batch {args.batch}, {args.rounds} rounds')
-    for name, ts in times.items():
-        med = statistics.median(ts)
-        print(f'{name:32s} {args.batch / med:6.2f} images/s  {swin / med:5.3f}x Swin-T  '
-              f'(steps {", ".join(f"{t:.2f}" for t in ts)} s)')
+    for name, st in stats.items():
+        print(f'{name:32s} {args.batch / st.median:6.2f} images/s  {swin / st.median:5.3f}x Swin-T  '
+              f'(IQR {st.q25:.2f}-{st.q75:.2f} s per step)')
 
 
 if __name__ == '__main__':

@@ -5,15 +5,16 @@ import json
 import math
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
 
 from l2vit.bench.memory import measure_peak_memory, rss_peak_supported
 from l2vit.bench.report import fit_slope, markdown_tables, plot_scaling, read_results, write_results
-from l2vit.bench.runner import BenchConfig, run_config, run_sweep
+from l2vit.bench.runner import BenchConfig, run_config, run_group, run_sweep
 from l2vit.bench.targets import evaluate_targets, format_targets
-from l2vit.bench.timing import TimingStats, time_callable
+from l2vit.bench.timing import TimingStats, time_callable, time_interleaved
 from l2vit.cli import build_parser, main
 from l2vit.cli.bench import _configs, _settings, parse_size
 
@@ -29,6 +30,24 @@ def test_time_callable_counts_and_orders():
     assert (s.median, s.min, s.max) == (2.5, 1.0, 4.0)
     with pytest.raises(ValueError, match='min_reps'):
         time_callable(lambda: None, min_reps=0)
+
+
+def test_time_interleaved_alternates_and_rotates():
+    calls = []
+    fns = [lambda i=i: calls.append(i) for i in range(3)]
+    stats = time_interleaved(fns, warmup=1, min_reps=3, min_time=0.0)
+    assert [s.reps for s in stats] == [3, 3, 3] and all(s.warmup == 1 for s in stats)
+    # warm-up round in order, then each round starts one later: no function always follows the same one
+    assert calls == [0, 1, 2, 0, 1, 2, 1, 2, 0, 2, 0, 1]
+    bounded = time_interleaved([lambda: None, lambda: None], warmup=0, min_reps=1, min_time=60.0, max_reps=7)
+    assert [s.reps for s in bounded] == [7, 7]
+    # max_time: rounds stop once min_reps are done and the rounds took max_time per function
+    slow = time_interleaved([lambda: time.sleep(0.01)] * 2, warmup=0, min_reps=2, min_time=60.0, max_time=0.03)
+    assert 2 <= slow[0].reps <= 4
+    with pytest.raises(ValueError, match='at least one'):
+        time_interleaved([])
+    with pytest.raises(ValueError, match='min_reps'):
+        time_interleaved([lambda: None], min_reps=0)
 
 
 _PEAK_SCRIPT = """
@@ -66,6 +85,9 @@ def test_config_validation():
         BenchConfig('m', 224, 224, compile=True, freeze=True, mode='train')
     frozen = BenchConfig('m', 224, 224, compile=True, freeze=True)
     assert frozen.label() == 'm 224x224 b1 infer fp32 cpu compiled-frozen'
+    with pytest.raises(ValueError, match='peak memory cannot be measured: set memory=False'):
+        BenchConfig('m', 224, 224, paired=True)
+    assert BenchConfig('m', 224, 224, paired=True, memory=False).label() == 'm 224x224 b1 infer fp32 cpu paired'
 
 
 def test_run_config_in_process_rows():
@@ -91,6 +113,37 @@ def test_sweep_in_a_fresh_process_with_costs():
         assert row['mem_method'] == 'rss_hwm' and row['peak_mib'] > 0
 
 
+_PAIRED = dict(warmup=0, min_reps=3, min_time=0.0, threads=1, memory=False, paired=True)
+
+
+def test_run_group_times_models_together_and_records_failures():
+    cfgs = [BenchConfig('test_l2vit', 64, 64, **_PAIRED), BenchConfig('no_such_model_anywhere', 64, 64, **_PAIRED),
+            BenchConfig('test_l2vit', 64, 64, global_mixer='softmax', **_PAIRED)]
+    a, bad, b = run_group(cfgs)
+    assert bad['status'] == 'error' and 'no_such_model_anywhere' in bad['error']
+    for row in (a, b):  # the failure does not stop the others
+        assert row['status'] == 'ok' and row['reps'] == 3 and row['img_per_s'] > 0 and 'peak_mib' not in row
+    assert run_group([]) == []
+
+
+def test_sweep_runs_a_paired_group_in_one_fresh_process():
+    """Paired configurations that differ only in the model run together, where the first of them comes; an
+    unpaired configuration between them keeps its own process (and its memory)."""
+    first = BenchConfig('test_l2vit', 64, 64, **_PAIRED)
+    alone = BenchConfig('test_l2vit', 64, 64, warmup=0, min_reps=1, min_time=0.0, threads=1)
+    other_size = BenchConfig('test_l2vit', 64, 96, **_PAIRED)
+    second = BenchConfig('test_l2vit', 64, 64, global_mixer='softmax', **_PAIRED)
+    rows = run_sweep([first, alone, other_size, second], isolate=True, timeout=120)
+    assert [(r['global_mixer'], r['width'], r['paired']) for r in rows] == [
+        (None, 64, True), ('softmax', 64, True), (None, 64, False), (None, 96, True)]
+    assert all(r['status'] == 'ok' for r in rows), [r['error'] for r in rows]
+    assert [r['reps'] for r in rows] == [3, 3, 1, 3]
+    assert all(r.get('peak_mib') is None for r in rows if r['paired'])
+    # a dead group process is every member's row
+    rows = run_sweep([first, second], isolate=True, timeout=0.01)
+    assert [r['status'] for r in rows] == ['timeout', 'timeout']
+
+
 def _rows():
     rows = []
     for model, k, p in (('a', 1e-6, 1.0), ('b', 1e-10, 2.0)):  # time ∝ pixels^p
@@ -114,8 +167,9 @@ def test_results_files_round_trip_and_plots(tmp_path):
     (tmp_path / 'bad.json').write_text(json.dumps([1, 2]))
     with pytest.raises(ValueError, match='not an l2vit benchmark results file'):
         read_results(tmp_path / 'bad.json')
-    (png,) = plot_scaling(rows, tmp_path)
-    assert png.read_bytes()[:4] == b'\x89PNG'
+    paired = [dict(r, paired=True, peak_mib=None) for r in rows]  # ratios, pair by pair: no scaling plot
+    (png,) = plot_scaling(rows + paired, tmp_path)
+    assert png.read_bytes()[:4] == b'\x89PNG' and png.name == 'scaling_infer_fp32_b1_cpu.png'
     table = markdown_tables(rows, reference='a')
     assert '| 224×224 |' in table and 'oom' in table and '×' in table
 
@@ -140,6 +194,27 @@ def test_targets_from_rows():
     assert [t.passed for t in targets] == [True, False, True, True, True, False, True, None]
     text = format_targets(targets)
     assert '**missed**' in text and 'not measured' in text and '150 of 200 GFLOP/s' in text
+
+
+def test_speed_targets_prefer_paired_rows():
+    def row(model, tp, paired=False, mode='infer', batch=16):
+        return dict(model=model, height=224, width=224, batch=batch, mode=mode, dtype='fp32', cast='none',
+                    device='cpu', status='ok', img_per_s=tp, paired=paired)
+    swin = 'swin_tiny_patch4_window7_224'
+    rows = [row('l2vit_tiny', 30), row(swin, 28), row('l2vit_tiny', 5.0, mode='train'),
+            row(swin, 5.5, mode='train'), row('l2vit_tiny', 5.6, True, 'train'), row(swin, 5.2, True, 'train')]
+    targets = {t.name: t for t in evaluate_targets(rows, {})}
+    train = targets['training step 224² batch 16: l2vit_tiny ÷ Swin-T']
+    assert train.value == pytest.approx(5.6 / 5.2) and train.passed
+    assert train.detail == f'paired in one process; separate processes: {5.0 / 5.5:.3f}'
+    b16 = targets['fp32 224² batch 16: l2vit_tiny ÷ Swin-T throughput']
+    assert b16.value == pytest.approx(30 / 28) and b16.detail == 'separate processes'
+    # paired rows never stand in for the other figures (memory, GEMM share): only their own pair
+    only_paired = evaluate_targets([row('l2vit_tiny', 30, True), row(swin, 20, True)], {})
+    assert [t.value is not None for t in only_paired].count(True) == 1
+    table = markdown_tables(rows)
+    assert '**training step, fp32, batch 16, cpu, models alternating in one process**' in table
+    assert '| 224×224 | 5.60 | 5.20 ×1.08 |' in table
 
 
 def _b16(tp, dtype='bf16', cast='autocast', compile=False, freeze=False, model='l2vit_tiny'):
@@ -225,6 +300,19 @@ def test_cli_settings_suite_and_dedup(tmp_path):
     suite.write_text('sweeps:\n  - model: [a]\n')
     with pytest.raises(ValueError, match="unknown suite keys \\['model'\\]"):
         _settings(build_parser().parse_args(['bench', '--suite', str(suite)]))
+
+
+def test_cli_paired_sweeps(tmp_path):
+    args = build_parser().parse_args(['bench', '--models', 'a', 'b', '--sizes', '64', '--paired'])
+    configs = list(_configs(*_settings(args)))
+    assert [(c.model, c.paired, c.memory) for c in configs] == [('a', True, False), ('b', True, False)]
+    suite = tmp_path / 'suite.yaml'
+    suite.write_text('sweeps:\n  - models: [a, b]\n    sizes: [64]\n  - models: [a, b]\n    sizes: [64]\n'
+                     '    paired: true\n')
+    configs = list(_configs(*_settings(build_parser().parse_args(['bench', '--suite', str(suite)]))))
+    assert [(c.paired, c.memory) for c in configs] == [(False, True)] * 2 + [(True, False)] * 2
+    with pytest.raises(ValueError, match='--paired does not apply to --mixers'):
+        _settings(build_parser().parse_args(['bench', '--mixers', 'linear', '--paired']))
 
 
 def test_cli_reports_bad_input(capsys):

@@ -22,7 +22,7 @@ __all__ = ['write_results', 'read_results', 'fit_slope', 'plot_scaling', 'markdo
 
 COLUMNS = (
     'model', 'height', 'width', 'pixels', 'batch', 'mode', 'dtype', 'cast', 'device', 'threads', 'compile', 'freeze',
-    'channels_last', 'status', 'time_ms', 'time_q25_ms', 'time_q75_ms', 'time_min_ms', 'time_max_ms', 'reps',
+    'channels_last', 'paired', 'status', 'time_ms', 'time_q25_ms', 'time_q75_ms', 'time_min_ms', 'time_max_ms', 'reps',
     'img_per_s', 'peak_mib', 'baseline_mib', 'mem_method', 'gmacs', 'params_m', 'gflops', 'wall_s', 'error',
 )
 
@@ -82,14 +82,15 @@ def fit_slope(xs: Sequence[float], ys: Sequence[float]) -> float | None:
 def _group_key(row: dict[str, Any]) -> tuple:
     compiled = ('frozen' if row.get('freeze') else 'compiled') if row.get('compile') else ''
     return (row['mode'], row['dtype'], row.get('cast', 'none'), row['batch'], row['device'], compiled,
-            bool(row.get('channels_last')))
+            bool(row.get('channels_last')), bool(row.get('paired')))
 
 
 def _group_title(key: tuple) -> str:
-    mode, dtype, cast, batch, device, compiled, cl = key
+    mode, dtype, cast, batch, device, compiled, cl, paired = key
     prec = dtype if dtype == 'fp32' else f'{dtype} ({cast})'
     extra = {'': '', 'compiled': ', compiled', 'frozen': ', compiled with frozen weights'}[compiled]
     extra += ', channels-last' if cl else ''
+    extra += ', models alternating in one process' if paired else ''
     return f'{"inference" if mode == "infer" else "training step"}, {prec}, batch {batch}, {device}{extra}'
 
 
@@ -110,7 +111,8 @@ def plot_scaling(
         top_slope: bool = False,
 ) -> list[Path]:
     """One PNG per (mode, precision, batch, device): time per image and peak memory against pixels, log-log, with
-    each model's fitted slope in the legend (slope 1 = linear in pixels, 2 = quadratic). Returns the paths.
+    each model's fitted slope in the legend (slope 1 = linear in pixels, 2 = quadratic). Returns the paths. Paired
+    rows (timed for the ratio between models, one size at a time) are not plotted.
 
     Args:
         rows: Result rows (only ``'ok'`` ones are drawn).
@@ -134,8 +136,8 @@ def plot_scaling(
         groups[_group_key(r)].append(r)
     paths = []
     for key, group in groups.items():
-        if len({r['pixels'] for r in group}) < 2:
-            continue  # one size: nothing to scale
+        if len({r['pixels'] for r in group}) < 2 or key[-1]:
+            continue  # one size: nothing to scale; paired rows are timed for their ratios, pair by pair
         lines = list(dict.fromkeys(name_of(r) for r in group))
         many = len(lines) > 10  # past the colour cycle: vary the line style too, shrink the legend
         fig, axes = plt.subplots(1, 2, figsize=(14, 6) if many else (12, 4.8))
@@ -167,13 +169,14 @@ def plot_scaling(
             ax.set_xlabel(x_label)
             ax.set_ylabel(ylabel)
             ax.grid(True, which='both', alpha=0.3)
-            ax.legend(fontsize=7 if many else 8)
+            if ax.get_legend_handles_labels()[0]:  # e.g. no memory measured: an empty panel, no legend
+                ax.legend(fontsize=7 if many else 8)
         device = (environment or {}).get('device_name', key[4])
         fig.suptitle(f'{title + ": " if title else ""}{_group_title(key)} — {device}', fontsize=10)
         fig.tight_layout()
-        mode, dtype, cast, batch, dev, compiled, cl = key
+        mode, dtype, cast, batch, dev, compiled, cl, paired = key
         name = f'{prefix}_{mode}_{dtype}{"" if dtype == "fp32" else "_" + cast}_b{batch}_{dev.replace(":", "")}'
-        name += (f'_{compiled}' if compiled else '') + ('_cl' if cl else '') + '.png'
+        name += (f'_{compiled}' if compiled else '') + ('_cl' if cl else '') + ('_paired' if paired else '') + '.png'
         path = Path(out_dir) / name
         path.parent.mkdir(parents=True, exist_ok=True)
         buf = io.BytesIO()
@@ -207,10 +210,6 @@ def _tick_label(value: float, _pos) -> str:
     return f'{value:g}' if round(lead, 6) in (1, 2, 5) else ''
 
 
-def _fmt(value: float | None, spec: str) -> str:
-    return '—' if value is None else format(value, spec)
-
-
 def markdown_tables(rows: Sequence[dict[str, Any]], reference: str = 'l2vit_tiny') -> str:
     """Markdown tables, one per (mode, precision, batch, device): throughput (images/s), peak memory and the
     reference model's throughput relative to each other model, per input size. Failed cells say why."""
@@ -236,7 +235,8 @@ def markdown_tables(rows: Sequence[dict[str, Any]], reference: str = 'l2vit_tiny
                 elif r.get('status') != 'ok':
                     line.append(r.get('status', '?'))
                 else:
-                    text = f'{r["img_per_s"]:.2f} ({_fmt(r.get("peak_mib"), ".0f")})'
+                    text = f'{r["img_per_s"]:.2f}'
+                    text += f' ({r["peak_mib"]:.0f})' if r.get('peak_mib') is not None else ''
                     if m != reference and ref_tp:
                         text += f' ×{ref_tp / r["img_per_s"]:.2f}'
                     line.append(text)

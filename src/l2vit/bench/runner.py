@@ -4,6 +4,12 @@ On CPU every configuration runs in a fresh Python process (``python -m l2vit.ben
 peak RSS is its own and a crash, an out-of-memory kill or a hang costs one row, not the sweep. On CUDA they run in
 this process; the allocator's peak statistics are exact per call, and out-of-memory errors are caught.
 
+Configurations marked ``paired`` are timed together instead: those that differ only in their model run in one
+process (:func:`run_group`), alternating call by call (:func:`l2vit.bench.timing.time_interleaved`), so drift of the
+machine between processes does not enter the ratios between models. They cannot measure peak memory (the models
+share the process), so a paired configuration has ``memory=False``; a suite times a ratio both ways by listing the
+same sweep with and without ``paired``.
+
 A configuration's workload is a timm model on ``(B, 3, H, W)`` images (``kind='model'``, optionally an L²ViT with
 another ``global_mixer``) or one registered token mixer alone on ``(B, H, W, dim)`` tokens (``kind='mixer'``, see
 :mod:`l2vit.bench.mixers`).
@@ -24,7 +30,8 @@ from typing import Any
 
 import torch
 
-__all__ = ['BenchConfig', 'run_config', 'run_sweep', 'model_cost', 'config_cost', 'DTYPES', 'KINDS', 'STATUS_OK']
+__all__ = ['BenchConfig', 'run_config', 'run_group', 'run_sweep', 'model_cost', 'config_cost', 'DTYPES', 'KINDS',
+           'STATUS_OK']
 
 DTYPES = {'fp32': torch.float32, 'bf16': torch.bfloat16, 'fp16': torch.float16}
 MODES = ('infer', 'train')
@@ -67,6 +74,8 @@ class BenchConfig:
             mixer in its global blocks); None builds the model as registered.
         dim: For ``kind='mixer'``: token width (default 64).
         heads: For ``kind='mixer'``: attention heads (default 2).
+        paired: Time this configuration in one process with the others of the sweep that differ from it only in
+            ``model`` / ``global_mixer``, alternating call by call (see :func:`run_sweep`); needs ``memory=False``.
     """
     model: str
     height: int
@@ -89,6 +98,7 @@ class BenchConfig:
     global_mixer: str | None = None
     dim: int | None = None
     heads: int | None = None
+    paired: bool = False
 
     def __post_init__(self):
         if self.kind not in KINDS:
@@ -119,6 +129,9 @@ class BenchConfig:
         if self.freeze and not (self.compile and self.mode == 'infer'):
             raise ValueError(f"freeze applies to compiled inference only (compile=True, mode='infer'), got "
                              f"compile={self.compile}, mode='{self.mode}'")
+        if self.paired and self.memory:
+            raise ValueError('a paired configuration shares its process with other models, so its peak memory '
+                             'cannot be measured: set memory=False (time it unpaired too to measure memory)')
         if min(self.height, self.width, self.batch) < 1:
             raise ValueError(f'height, width and batch must be positive, got {self.height}, {self.width}, '
                              f'{self.batch}')
@@ -126,7 +139,7 @@ class BenchConfig:
     def label(self) -> str:
         prec = self.dtype if self.dtype == 'fp32' else f'{self.dtype}-{self.cast}'
         compiled = (' compiled-frozen' if self.freeze else ' compiled') if self.compile else ''
-        extra = compiled + (' channels-last' if self.channels_last else '')
+        extra = compiled + (' channels-last' if self.channels_last else '') + (' paired' if self.paired else '')
         if self.kind == 'mixer':
             name = f'mixer {self.model} d{self.dim}h{self.heads}'
         else:
@@ -254,6 +267,47 @@ def _step_fn(cfg: BenchConfig, model: torch.nn.Module, x: torch.Tensor,
     return train_step
 
 
+def _prepare(cfg: BenchConfig, device: torch.device) -> Callable[[], object]:
+    """Build the workload of ``cfg`` on ``device`` (seeded, cast, compiled as asked) and return its step."""
+    torch.manual_seed(0)
+    model, x, loss_fn = _workload(cfg, device)
+    if cfg.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+        x = x.contiguous(memory_format=torch.channels_last)
+    if cfg.dtype != 'fp32' and cfg.cast == 'model':
+        model, x = model.to(DTYPES[cfg.dtype]), x.to(DTYPES[cfg.dtype])
+    if cfg.freeze:
+        from ..export import compile_for_inference
+        model = compile_for_inference(model)
+    elif cfg.compile:
+        model = torch.compile(model)
+    return _step_fn(cfg, model, x, loss_fn)
+
+
+def _failed(row: dict[str, Any], e: Exception, device: torch.device) -> dict[str, Any]:
+    """``row`` marked with why ``e`` ended the configuration: unsupported, out of memory or an error."""
+    if isinstance(e, Unsupported):
+        return {**row, 'status': 'unsupported', 'error': str(e)}
+    if _is_oom(e):
+        if device.type == 'cuda':
+            torch.cuda.empty_cache()
+        return {**row, 'status': 'oom', 'error': f'{type(e).__name__}: {str(e)[:300]}'}
+    return {**row, 'status': 'error', 'error': f'{type(e).__name__}: {str(e)[:300]}'}
+
+
+def _timed(row: dict[str, Any], cfg: BenchConfig, stats) -> dict[str, Any]:
+    return {
+        **row,
+        'time_ms': stats.median * 1e3,
+        'time_q25_ms': stats.q25 * 1e3,
+        'time_q75_ms': stats.q75 * 1e3,
+        'time_min_ms': stats.min * 1e3,
+        'time_max_ms': stats.max * 1e3,
+        'reps': stats.reps,
+        'img_per_s': cfg.batch / stats.median,
+    }
+
+
 def run_config(cfg: BenchConfig) -> dict[str, Any]:
     """Run one configuration in this process and return its result row (status ``'ok'`` or why not)."""
     from .memory import measure_peak_memory
@@ -264,19 +318,7 @@ def run_config(cfg: BenchConfig) -> dict[str, Any]:
     row['threads'] = torch.get_num_threads()
     device = torch.device(cfg.device)
     try:
-        torch.manual_seed(0)
-        model, x, loss_fn = _workload(cfg, device)
-        if cfg.channels_last:
-            model = model.to(memory_format=torch.channels_last)
-            x = x.contiguous(memory_format=torch.channels_last)
-        if cfg.dtype != 'fp32' and cfg.cast == 'model':
-            model, x = model.to(DTYPES[cfg.dtype]), x.to(DTYPES[cfg.dtype])
-        if cfg.freeze:
-            from ..export import compile_for_inference
-            model = compile_for_inference(model)
-        elif cfg.compile:
-            model = torch.compile(model)
-        fn = _step_fn(cfg, model, x, loss_fn)
+        fn = _prepare(cfg, device)
         if cfg.memory:
             try:
                 mem = measure_peak_memory(fn, device)
@@ -285,50 +327,93 @@ def run_config(cfg: BenchConfig) -> dict[str, Any]:
                 row['mem_method'] = f'unavailable ({e})'
         stats = time_callable(fn, device, warmup=cfg.warmup, min_reps=cfg.min_reps, min_time=cfg.min_time,
                               max_time=cfg.max_time)
-    except Unsupported as e:
-        return {**row, 'status': 'unsupported', 'error': str(e)}
     except Exception as e:  # noqa: BLE001 (every failure becomes a row; the sweep goes on)
-        if _is_oom(e):
-            if device.type == 'cuda':
-                torch.cuda.empty_cache()
-            return {**row, 'status': 'oom', 'error': f'{type(e).__name__}: {str(e)[:300]}'}
-        return {**row, 'status': 'error', 'error': f'{type(e).__name__}: {str(e)[:300]}'}
-    row.update(
-        time_ms=stats.median * 1e3,
-        time_q25_ms=stats.q25 * 1e3,
-        time_q75_ms=stats.q75 * 1e3,
-        time_min_ms=stats.min * 1e3,
-        time_max_ms=stats.max * 1e3,
-        reps=stats.reps,
-        img_per_s=cfg.batch / stats.median,
-    )
-    return row
+        return _failed(row, e, device)
+    return _timed(row, cfg, stats)
 
 
-def _run_isolated(cfg: BenchConfig, timeout: float, memory_limit_mib: float | None = None) -> dict[str, Any]:
-    """Run ``cfg`` in a fresh Python process; a kill (out of memory), crash or timeout becomes a row.
+def run_group(cfgs: list[BenchConfig]) -> list[dict[str, Any]]:
+    """Time ``cfgs`` in this process, alternating call by call (:func:`l2vit.bench.timing.time_interleaved`), and
+    return one result row per configuration.
+
+    Each workload is built and called once (untimed) in turn; one that fails there gets its row (unsupported, oom,
+    error) and the others are timed without it. The warm-up, repetition and time settings are the first
+    configuration's (the configurations of a group differ only in their model).
+    """
+    from .timing import time_interleaved
+    if not cfgs:
+        return []
+    first = cfgs[0]
+    if first.threads:
+        torch.set_num_threads(first.threads)
+    device = torch.device(first.device)
+    rows: list[dict[str, Any]] = [{'status': STATUS_OK, 'error': '', 'threads': torch.get_num_threads()}
+                                  for _ in cfgs]
+    fns, live = [], []
+    for i, cfg in enumerate(cfgs):
+        try:
+            fn = _prepare(cfg, device)
+            fn()
+        except Exception as e:  # noqa: BLE001 (recorded; the others are still timed)
+            rows[i] = _failed(rows[i], e, device)
+            continue
+        fns.append(fn)
+        live.append(i)
+    if not fns:
+        return rows
+    try:
+        stats = time_interleaved(fns, device, warmup=first.warmup, min_reps=first.min_reps,
+                                 min_time=first.min_time, max_time=first.max_time)
+    except Exception as e:  # noqa: BLE001 (one failing call spoils the alternation for all of them)
+        for i in live:
+            rows[i] = _failed(rows[i], e, device)
+        return rows
+    for i, st in zip(live, stats):
+        rows[i] = _timed(rows[i], cfgs[i], st)
+    return rows
+
+
+def _run_isolated(cfgs: list[BenchConfig], timeout: float, memory_limit_mib: float | None = None
+                  ) -> list[dict[str, Any]]:
+    """Run ``cfgs`` in a fresh Python process (one configuration alone, or a paired group with :func:`run_group`);
+    a kill (out of memory), crash or timeout becomes every configuration's row.
 
     ``memory_limit_mib`` makes the child cap its own data memory (``RLIMIT_DATA``: heap and private mappings, where
     tensors live) once it has started, so an allocation past it fails in the child and is recorded as ``'oom'``
     instead of driving the machine into its out-of-memory killer, which may pick another process.
     """
     env = dict(os.environ)
-    if cfg.threads:
-        env.update(OMP_NUM_THREADS=str(cfg.threads), MKL_NUM_THREADS=str(cfg.threads))
-    cmd = [sys.executable, '-m', 'l2vit.bench.runner', json.dumps(dataclasses.asdict(cfg))]
+    threads = cfgs[0].threads
+    if threads:
+        env.update(OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
+    group = len(cfgs) > 1 or cfgs[0].paired
+    spec = [dataclasses.asdict(c) for c in cfgs] if group else dataclasses.asdict(cfgs[0])
+    cmd = [sys.executable, '-m', 'l2vit.bench.runner', json.dumps(spec)]
     if memory_limit_mib:
         cmd.append(str(int(memory_limit_mib * _MIB)))
+
+    def every(row: dict[str, Any]) -> list[dict[str, Any]]:
+        return [dict(row) for _ in cfgs]
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
     except subprocess.TimeoutExpired:
-        return {'status': 'timeout', 'error': f'no result within {timeout:.0f} s'}
+        return every({'status': 'timeout', 'error': f'no result within {timeout:.0f} s'})
     for line in reversed(proc.stdout.splitlines()):
         if line.startswith(_RESULT_TAG):
-            return json.loads(line[len(_RESULT_TAG):])
+            result = json.loads(line[len(_RESULT_TAG):])
+            return result if group else [result]
     if proc.returncode in (-9, 137):
-        return {'status': 'oom', 'error': 'killed (SIGKILL: out of memory?)'}
+        return every({'status': 'oom', 'error': 'killed (SIGKILL: out of memory?)'})
     tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
-    return {'status': 'error', 'error': f'exit code {proc.returncode}: ' + ' | '.join(tail)[-300:]}
+    return every({'status': 'error', 'error': f'exit code {proc.returncode}: ' + ' | '.join(tail)[-300:]})
+
+
+def _pair_key(cfg: BenchConfig) -> tuple:
+    """What the configurations of one paired group share: everything but the model."""
+    fields = dataclasses.asdict(cfg)
+    fields.pop('model')
+    fields.pop('global_mixer')
+    return tuple(sorted(fields.items()))
 
 
 def run_sweep(
@@ -341,10 +426,14 @@ def run_sweep(
 ) -> list[dict[str, Any]]:
     """Run ``configs`` one after another and return their rows (config fields, cost, timing, memory, status).
 
+    Paired configurations (``cfg.paired``) that differ only in their model form one group, run where its first
+    member comes in the order (:func:`run_group`, in one fresh process on CPU); rows come in the order they ran.
+
     Args:
         configs: The configurations.
         isolate: One fresh process per configuration (default: on CPU, where peak RSS needs it).
-        timeout: Seconds an isolated configuration may take before it is recorded as ``'timeout'``.
+        timeout: Seconds an isolated configuration may take before it is recorded as ``'timeout'`` (a paired
+            group: this many per member).
         on_result: Called with each row as soon as it exists (progress output, incremental saving).
         skip: Called with each configuration and the rows so far before it runs; a returned reason records the
             configuration as ``'skipped'`` (with that reason) without running it (e.g.
@@ -353,50 +442,74 @@ def run_sweep(
     """
     rows: list[dict[str, Any]] = []
     costs: dict[tuple, tuple[float | None, float | None]] = {}
+    configs = list(configs)
+    groups: dict[tuple, list[BenchConfig]] = {}
     for cfg in configs:
-        key = _cost_key(cfg)
-        if key not in costs:
-            costs[key] = config_cost(cfg)
-        gmacs, params = costs[key]
+        if cfg.paired:
+            groups.setdefault(_pair_key(cfg), []).append(cfg)
+    done: set[tuple] = set()
+    for cfg in configs:
+        if cfg.paired:
+            key = _pair_key(cfg)
+            if key in done:
+                continue
+            done.add(key)
+            members = groups[key]
+        else:
+            members = [cfg]
         use_subprocess = isolate if isolate is not None else torch.device(cfg.device).type == 'cpu'
         start = time.perf_counter()
-        reason = skip(cfg, rows) if skip is not None else None
-        if reason:
-            result: dict[str, Any] = {'status': 'skipped', 'error': reason}
+        reasons = [skip(c, rows) if skip is not None else None for c in members]
+        todo = [c for c, r in zip(members, reasons) if not r]
+        if not todo:
+            results = []
         elif use_subprocess:
-            result = _run_isolated(cfg, timeout, memory_limit_mib)
+            results = _run_isolated(todo, timeout * len(todo), memory_limit_mib)
+        elif cfg.paired:
+            results = run_group(todo)
         else:
-            result = run_config(cfg)
-        row = {
-            **dataclasses.asdict(cfg),
-            'pixels': cfg.height * cfg.width,
-            'gmacs': gmacs,
-            'params_m': params,
-            **result,
-            'wall_s': time.perf_counter() - start,
-        }
-        if cfg.kind == 'mixer':
-            row['tokens'] = cfg.height * cfg.width
-        if row['status'] == STATUS_OK and gmacs and cfg.mode == 'infer':
-            row['gflops'] = 2 * gmacs * cfg.batch / (row['time_ms'] / 1e3)
-        rows.append(row)
-        if on_result is not None:
-            on_result(row)
+            results = [run_config(todo[0])]
+        wall = (time.perf_counter() - start) / max(len(todo), 1)
+        ran = iter(results)
+        for c, reason in zip(members, reasons):
+            result = {'status': 'skipped', 'error': reason} if reason else next(ran)
+            ckey = _cost_key(c)
+            if ckey not in costs:
+                costs[ckey] = config_cost(c)
+            gmacs, params = costs[ckey]
+            row = {
+                **dataclasses.asdict(c),
+                'pixels': c.height * c.width,
+                'gmacs': gmacs,
+                'params_m': params,
+                **result,
+                'wall_s': wall,
+            }
+            if c.kind == 'mixer':
+                row['tokens'] = c.height * c.width
+            if row['status'] == STATUS_OK and gmacs and c.mode == 'infer':
+                row['gflops'] = 2 * gmacs * c.batch / (row['time_ms'] / 1e3)
+            rows.append(row)
+            if on_result is not None:
+                on_result(row)
     return rows
 
 
 def _worker_main(argv: list[str]) -> int:
-    """``CONFIG_JSON [DATA_LIMIT_BYTES]``: run one configuration and print its row as one tagged JSON line."""
-    cfg = BenchConfig(**json.loads(argv[0]))
+    """``CONFIGS_JSON [DATA_LIMIT_BYTES]``: run one configuration (a JSON object) or a paired group (a list) and
+    print the row(s) as one tagged JSON line: an object for one configuration, a list for a group."""
+    spec = json.loads(argv[0])
+    cfgs = [BenchConfig(**c) for c in (spec if isinstance(spec, list) else [spec])]
     if len(argv) > 1:  # later allocations past the cap fail here (recorded as 'oom'), not in the OOM killer
         import resource  # POSIX only, as is the cap
         limit = int(argv[1])
         resource.setrlimit(resource.RLIMIT_DATA, (limit, limit))
-    result = run_config(cfg)
-    for key, value in result.items():  # JSON has no NaN/inf
-        if isinstance(value, float) and not math.isfinite(value):
-            result[key] = None
-    print(_RESULT_TAG + json.dumps(result), flush=True)
+    results = run_group(cfgs) if isinstance(spec, list) else [run_config(cfgs[0])]
+    for result in results:
+        for key, value in result.items():  # JSON has no NaN/inf
+            if isinstance(value, float) and not math.isfinite(value):
+                result[key] = None
+    print(_RESULT_TAG + json.dumps(results if isinstance(spec, list) else results[0]), flush=True)
     return 0
 
 

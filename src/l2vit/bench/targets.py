@@ -1,7 +1,10 @@
 """The project's performance targets (issue #4, §3 on CPU and §4 on GPU), checked against one results file.
 
 Every target is a ratio between rows of the same run (same machine, same moment), so it carries over between
-machines better than absolute numbers. A target whose rows are missing from the run is reported as not measured.
+machines better than absolute numbers. A speed ratio between two models is taken from *paired* rows (the two models
+timed in one process, alternating call by call) where the run has them, else from the separate-process rows; the
+detail says which, and gives the other figure too when both exist. A target whose rows are missing from the run is
+reported as not measured.
 """
 from __future__ import annotations
 
@@ -31,19 +34,34 @@ class Target:
         return self.value <= self.bound if self.upper else self.value >= self.bound
 
 
-def _rows(rows, model, size, batch, mode='infer', dtype='fp32', cast=None, device_type='cpu', eager=True):
-    """The successful rows matching the arguments; ``eager``: only those not compiled (and not channels-last)."""
+def _rows(rows, model, size, batch, mode='infer', dtype='fp32', cast=None, device_type='cpu', eager=True,
+          paired=False):
+    """The successful rows matching the arguments; ``eager``: only those not compiled (and not channels-last);
+    ``paired``: only rows timed paired with other models (else only rows timed in their own process)."""
     return [r for r in rows
             if r.get('status') == 'ok' and r['model'] == model and (r['height'], r['width']) == (size, size)
             and r['batch'] == batch and r['mode'] == mode and r['dtype'] == dtype
             and (cast is None or r.get('cast') == cast) and r['device'].split(':')[0] == device_type
-            and not (eager and (r.get('compile') or r.get('channels_last')))]
+            and not (eager and (r.get('compile') or r.get('channels_last'))) and bool(r.get('paired')) == paired]
 
 
-def _find(rows, model, size, batch, mode='infer', dtype='fp32', cast=None, device_type='cpu'):
+def _find(rows, model, size, batch, mode='infer', dtype='fp32', cast=None, device_type='cpu', paired=False):
     """The first eager row matching the arguments, or None."""
-    found = _rows(rows, model, size, batch, mode, dtype, cast, device_type)
+    found = _rows(rows, model, size, batch, mode, dtype, cast, device_type, paired=paired)
     return found[0] if found else None
+
+
+def _speed_target(name, rows, model, other, size, batch, bound, mode='infer', dtype='fp32', device_type='cpu'):
+    """``model`` ÷ ``other`` throughput: from paired rows where both exist (the other figure in the detail),
+    else from the separate-process rows."""
+    def ratio(paired):
+        return _ratio(_find(rows, model, size, batch, mode, dtype, device_type=device_type, paired=paired),
+                      _find(rows, other, size, batch, mode, dtype, device_type=device_type, paired=paired))
+    together, apart = ratio(True), ratio(False)
+    if together is not None:
+        detail = 'paired in one process' + (f'; separate processes: {apart:.3f}' if apart is not None else '')
+        return Target(name, together, bound, detail=detail)
+    return Target(name, apart, bound, detail='separate processes' if apart is not None else '')
 
 
 def _fastest(rows, model, size, batch, dtype):
@@ -90,8 +108,8 @@ def _report_path(p) -> str:
 def _cpu_targets(rows, env) -> list[Target]:
     out = []
     for batch, bound in ((1, 1.0), (16, 1.15)):
-        out.append(Target(f'fp32 224² batch {batch}: {REF} ÷ Swin-T throughput', _ratio(
-            _find(rows, REF, 224, batch), _find(rows, SWIN, 224, batch)), bound))
+        out.append(_speed_target(f'fp32 224² batch {batch}: {REF} ÷ Swin-T throughput', rows, REF, SWIN, 224,
+                                 batch, bound))
     r16 = _find(rows, REF, 224, 16)
     gemm = (env.get('gemm_gflops') or {}).get('fp32')
     eff = r16['gflops'] / gemm if r16 and r16.get('gflops') and gemm else None
@@ -125,10 +143,9 @@ def _cpu_targets(rows, env) -> list[Target]:
                       upper=True))
     out.append(Target(f'fp32 1024² batch 1: {REF} ÷ Swin-T peak memory', _ratio(
         m1024, _find(rows, SWIN, 1024, 1), 'peak_mib'), 1.0, upper=True))
-    out.append(Target(f'fp32 1024² batch 1: {REF} ÷ DeiT-S throughput', _ratio(m1024, _find(rows, DEIT, 1024, 1)),
-                      2.0))
-    out.append(Target(f'training step 224² batch 16: {REF} ÷ Swin-T', _ratio(
-        _find(rows, REF, 224, 16, mode='train'), _find(rows, SWIN, 224, 16, mode='train')), 1.0))
+    out.append(_speed_target(f'fp32 1024² batch 1: {REF} ÷ DeiT-S throughput', rows, REF, DEIT, 1024, 1, 2.0))
+    out.append(_speed_target(f'training step 224² batch 16: {REF} ÷ Swin-T', rows, REF, SWIN, 224, 16, 1.0,
+                             mode='train'))
     return out
 
 
@@ -137,15 +154,15 @@ def _gpu_targets(rows) -> list[Target]:
     sizes = sorted({r['height'] for r in rows if r['device'].startswith('cuda') and r['height'] == r['width']})
     for size in sizes:
         for batch in sorted({r['batch'] for r in rows if r['height'] == size and r['device'].startswith('cuda')}):
-            a = _find(rows, REF, size, batch, dtype='bf16', device_type='cuda')
-            b = _find(rows, SWIN, size, batch, dtype='bf16', device_type='cuda')
-            if a or b:
-                out.append(Target(f'GPU bf16 {size}² batch {batch}: {REF} ÷ Swin-T', _ratio(a, b), 1.0))
+            seen = [_find(rows, m, size, batch, dtype='bf16', device_type='cuda', paired=p)
+                    for m in (REF, SWIN) for p in (False, True)]
+            if any(seen):
+                out.append(_speed_target(f'GPU bf16 {size}² batch {batch}: {REF} ÷ Swin-T', rows, REF, SWIN, size,
+                                         batch, 1.0, dtype='bf16', device_type='cuda'))
         if size == 1024:
             for batch in sorted({r['batch'] for r in rows if r['height'] == 1024 and r['device'].startswith('cuda')}):
-                out.append(Target(f'GPU bf16 1024² batch {batch}: {REF} ÷ DeiT-S', _ratio(
-                    _find(rows, REF, 1024, batch, dtype='bf16', device_type='cuda'),
-                    _find(rows, DEIT, 1024, batch, dtype='bf16', device_type='cuda')), 3.0))
+                out.append(_speed_target(f'GPU bf16 1024² batch {batch}: {REF} ÷ DeiT-S', rows, REF, DEIT, 1024,
+                                         batch, 3.0, dtype='bf16', device_type='cuda'))
     return out
 
 

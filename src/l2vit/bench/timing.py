@@ -4,12 +4,12 @@ from __future__ import annotations
 import math
 import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 
 import torch
 
-__all__ = ['TimingStats', 'time_callable', 'synchronize']
+__all__ = ['TimingStats', 'time_callable', 'time_interleaved', 'synchronize']
 
 
 def synchronize(device: torch.device | str) -> None:
@@ -96,3 +96,60 @@ def time_callable(
         samples.append(time.perf_counter() - start)
         total += samples[-1]
     return TimingStats.from_samples(samples, warmup)
+
+
+def time_interleaved(
+        fns: Sequence[Callable[[], object]],
+        device: torch.device | str = 'cpu',
+        warmup: int = 2,
+        min_reps: int = 5,
+        min_time: float = 2.0,
+        max_reps: int = 200,
+        max_time: float | None = None,
+) -> list[TimingStats]:
+    """Time several callables in one process, alternating call by call, so that slow drift of the machine (other
+    load, frequency, memory state) falls on all of them alike and their ratios carry less of it than timings from
+    separate runs.
+
+    Each round calls every function once, timed separately with the device synchronised around each call; the
+    order rotates from round to round (round ``r`` starts with function ``r mod n``), so none always runs right
+    after the same neighbour. Warm-up rounds come first. Rounds continue until every function has ``min_reps``
+    calls *and* at least ``min_time`` seconds of them (but no more than ``max_reps`` rounds, and no new round once
+    ``min_reps`` are done and the rounds so far took ``max_time`` seconds per function).
+
+    Args: as :func:`time_callable`, for each of ``fns``; ``max_time`` bounds the rounds' mean time per function.
+
+    Returns:
+        One :class:`TimingStats` per function, in the order of ``fns``.
+    """
+    if min_reps < 1:
+        raise ValueError(f'min_reps must be >= 1, got {min_reps}')
+    if not fns:
+        raise ValueError('time_interleaved needs at least one function')
+    n = len(fns)
+    for _ in range(warmup):
+        for fn in fns:
+            fn()
+    synchronize(device)
+    samples: list[list[float]] = [[] for _ in fns]
+    max_time = math.inf if max_time is None else max_time
+    rounds = 0
+
+    def more() -> bool:
+        if rounds >= max_reps:
+            return False
+        if rounds < min_reps:
+            return True
+        totals = [sum(s) for s in samples]
+        return min(totals) < min_time and sum(totals) < max_time * n
+
+    while more():
+        for i in range(n):
+            j = (rounds + i) % n
+            synchronize(device)
+            start = time.perf_counter()
+            fns[j]()
+            synchronize(device)
+            samples[j].append(time.perf_counter() - start)
+        rounds += 1
+    return [TimingStats.from_samples(s, warmup) for s in samples]

@@ -6,6 +6,11 @@ every call. Peak memory is measured on the first call: CUDA's max allocated byte
 fresh process per configuration minus its baseline. MACs come from ``l2vit.bench.count_macs``. A model that cannot
 run a configuration (fixed input size, out of memory, timeout, error) gets a row saying so and the sweep goes on.
 
+With --paired (or ``paired: true`` on a suite sweep) the models of each configuration are timed in one process,
+alternating call by call, so slow drift of the machine between processes does not enter the ratios between them
+(on these shared CPUs it moves a ratio by up to 40% between runs); such rows carry no peak memory. The targets take
+their speed ratios from paired rows where the run has them.
+
 Writes OUT/results.json, OUT/results.csv (environment header + rows), OUT/scaling_*.png (log-log time and memory
 against pixels with fitted slopes) and OUT/results.md (tables, and the project's targets where the run covers them).
 
@@ -34,7 +39,8 @@ DEFAULT_MODELS = ('l2vit_tiny', 'swin_tiny_patch4_window7_224', 'convnext_tiny',
 DEFAULT_SIZES = ('224', '384', '512', '768', '1024')
 DEFAULT_TOKENS = ('14', '28', '56', '112', '256')
 DEFAULT_BACKBONE_SIZES = ('224', '448', '896')
-_SWEEP_KEYS = ('models', 'sizes', 'batch_sizes', 'modes', 'dtypes', 'casts', 'compile', 'freeze')
+_SWEEP_KEYS = ('models', 'sizes', 'batch_sizes', 'modes', 'dtypes', 'casts', 'compile', 'freeze', 'paired', 'warmup',
+               'min_reps', 'min_time', 'max_time')
 _MIXER_KEYS = ('mixers', 'mixer_dim', 'mixer_heads', 'tokens', 'backbone', 'backbone_sizes')
 
 
@@ -43,7 +49,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument('--suite', default=None, metavar='YAML',
                    help='a suite file: its settings replace the defaults, and its "sweeps" list runs one sweep per '
-                        'entry (keys: models, sizes, batch_sizes, modes, dtypes, casts)')
+                        'entry (keys: models, sizes, batch_sizes, modes, dtypes, casts, compile, freeze, paired, '
+                        'warmup, min_reps, min_time, max_time)')
     p.add_argument('--models', nargs='+', default=None, help=f'timm model names (default: {" ".join(DEFAULT_MODELS)})')
     p.add_argument('--sizes', nargs='+', default=None, metavar='S|HxW',
                    help=f'input sizes, square (512) or HxW (512x1024) (default: {" ".join(DEFAULT_SIZES)})')
@@ -62,6 +69,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help='compile inference with the weights frozen into the graph (l2vit.export.compile_for_inference:'
                         ' oneDNN prepacks them and fuses pointwise ops; the fastest bf16 CPU path); implies '
                         '--compile; training configurations are compiled without it')
+    p.add_argument('--paired', action='store_true', default=None,
+                   help='time the models of each configuration in one process, alternating call by call, so drift '
+                        'between processes does not enter their ratios (no peak memory: the models share the '
+                        'process)')
     p.add_argument('--channels-last', action='store_true', default=None,
                    help='put every model and input in channels-last memory format')
     p.add_argument('--warmup', type=int, default=None, help='untimed calls before timing (default: 2)')
@@ -139,7 +150,8 @@ def _settings(args: argparse.Namespace) -> tuple[dict[str, Any], list[dict[str, 
     settings: dict[str, Any] = dict(
         models=list(DEFAULT_MODELS), sizes=list(DEFAULT_SIZES), batch_sizes=[1], modes=['infer'], dtypes=['fp32'],
         casts=['autocast'], device='cuda' if torch.cuda.is_available() else 'cpu', threads=None, compile=False,
-        freeze=False, channels_last=False, warmup=2, min_reps=5, min_time=2.0, max_time=60.0, timeout=900.0,
+        freeze=False, paired=False, channels_last=False, warmup=2, min_reps=5, min_time=2.0, max_time=60.0,
+        timeout=900.0,
         memory=True, gemm=True, check_precision=None, checkpoint=None, plot=True, out='bench-results',
         memory_limit=None, mixers=None, mixer_dim=64, mixer_heads=2, tokens=list(DEFAULT_TOKENS), backbone='l2vit_tiny',
         backbone_sizes=list(DEFAULT_BACKBONE_SIZES))
@@ -156,6 +168,8 @@ def _settings(args: argparse.Namespace) -> tuple[dict[str, Any], list[dict[str, 
             raise ValueError('--channels-last does not apply to --mixers (mixer inputs are (B, H, W, C) tokens)')
         if settings['freeze']:
             raise ValueError('--freeze does not apply to --mixers (use --compile)')
+        if settings['paired']:
+            raise ValueError('--paired does not apply to --mixers (each mixer is timed in its own process)')
     elif any(k in cli or k in suite for k in _MIXER_KEYS):
         given = sorted(k for k in _MIXER_KEYS if k in cli or k in suite)
         raise ValueError(f'{", ".join(given)} belong to the mixer benchmark: give --mixers too')
@@ -184,9 +198,9 @@ def _configs(settings: dict[str, Any], sweeps: list[dict[str, Any]]):
                     device=settings['device'], threads=settings['threads'],
                     compile=bool(sweep['compile'] or sweep['freeze']),
                     freeze=bool(sweep['freeze'] and mode == 'infer'),
-                    channels_last=settings['channels_last'], warmup=settings['warmup'],
-                    min_reps=settings['min_reps'], min_time=settings['min_time'], max_time=settings['max_time'],
-                    memory=settings['memory'])
+                    channels_last=settings['channels_last'], warmup=sweep['warmup'], min_reps=sweep['min_reps'],
+                    min_time=sweep['min_time'], max_time=sweep['max_time'],
+                    memory=bool(settings['memory'] and not sweep['paired']), paired=bool(sweep['paired']))
                 if cfg not in seen:
                     seen.add(cfg)
                     yield cfg
