@@ -191,3 +191,68 @@ def test_fast_paths_switch():
     assert _fastpath.fast_paths_enabled() and _fastpath.unobserved(model)
     with torch.inference_mode():
         torch.testing.assert_close(model(x), plain)
+
+
+def test_chunked_routes_write_into_a_given_buffer(tiny_chunks):
+    """``into`` / ``out`` may be the input itself (each chunk reads the tokens it writes); a buffer that does not fit
+    (wrong dtype, not contiguous) is ignored and a new tensor returned."""
+    from l2vit.layers.mlp import mlp_residual_chunked
+    norm = torch.nn.LayerNorm(32).double()
+    window = LocalWindowAttention(32, 2, window_size=7).double().eval()
+    linear = LinearGlobalAttention(32, 2).double().eval()
+    mlp = Mlp(32, 128).double().eval()
+    routes = [lambda x, buf: window.chunked_residual(x, norm, into=buf),
+              lambda x, buf: linear.chunked_residual(x, norm, into=buf),
+              lambda x, buf: mlp_residual_chunked(x, norm, mlp, out=buf)]
+    with torch.inference_mode():
+        for route in routes:
+            for grid in ((14, 14), (12, 20)):  # whole windows, and padded ones
+                x = torch.randn(2, *grid, 32, dtype=torch.float64)
+                ref = route(x, None)
+                same = x.clone()
+                out = route(same, same)
+                assert out.data_ptr() == same.data_ptr()
+                torch.testing.assert_close(out, ref, rtol=0, atol=0)
+                for unfit in (torch.empty_like(x, dtype=torch.float32), torch.empty_like(x).transpose(1, 2)
+                              .contiguous().transpose(1, 2)):
+                    out = route(x, unfit)
+                    assert out.data_ptr() != unfit.data_ptr()
+                    torch.testing.assert_close(out, ref, rtol=0, atol=0)
+
+
+def _blocks(model):
+    return [b for stage in model.stages for b in stage.blocks]
+
+
+def test_blocks_update_their_own_map_in_place_only(tiny_chunks, monkeypatch):
+    """In inference a block writes its residual branches into the map it made itself (CPE output onwards): same
+    values, its input untouched, and a tensor a hook has seen (module output or input) is never written."""
+    model = timm.create_model('test_l2vit').double().eval()
+    blocks = _blocks(model)
+    assert {b.local_module for b in blocks} >= {'cpe', 'lcm'}
+    into = []
+    import l2vit.models.l2vit as l2vit_module
+    real = l2vit_module.mlp_residual_chunked
+    monkeypatch.setattr(l2vit_module, 'mlp_residual_chunked',
+                        lambda x, norm, mlp, out=None: into.append(out is not None) or real(x, norm, mlp, out=out))
+    for block in blocks:
+        x = torch.randn(2, 9, 11, block.norm1.normalized_shape[0], dtype=torch.float64)
+        x0 = x.clone()
+        into.clear()
+        fast, plain = _both(block, x)
+        assert into == [True]  # the MLP branch wrote into the block's own map (the plain run never chunks)
+        torch.testing.assert_close(fast, plain, rtol=1e-12, atol=1e-12)
+        assert torch.equal(x, x0)  # the block's input
+        modules = dict(block.named_modules())
+        for name in ('cpe.0', 'norm3', 'cpe.1', 'norm2'):  # what a hook sees stays as it was when it saw it
+            module = modules.get(name)
+            if module is None:
+                continue
+            seen = []
+            handle = module.register_forward_hook(
+                lambda m, args, out: seen.append((args[0], args[0].clone(), out, out.clone())))
+            with torch.inference_mode():
+                torch.testing.assert_close(block(x), plain, rtol=1e-12, atol=1e-12)
+            handle.remove()
+            (arg, arg0, out, out0), = seen
+            assert torch.equal(arg, arg0) and torch.equal(out, out0), name

@@ -20,8 +20,8 @@ from torch import nn
 from torch.fx._symbolic_trace import is_fx_symbolic_tracing
 from torch.nn.modules import module as _module
 
-__all__ = ['fast_paths', 'fast_paths_enabled', 'unobserved', 'grad_free', 'can_overwrite', 'activation',
-           'eager_inference', 'chunk_rows', 'frozen_bn_affine']
+__all__ = ['fast_paths', 'fast_paths_enabled', 'unobserved', 'grad_free', 'can_overwrite', 'result_buffer',
+           'activation', 'eager_inference', 'chunk_rows', 'frozen_bn_affine']
 
 # Target size of one chunk's widest intermediate (MLP hidden, window qkv): small enough to stay in a core's L2.
 CHUNK_BYTES = 2 ** 21
@@ -90,6 +90,16 @@ def can_overwrite(x: torch.Tensor, producer: nn.Module) -> bool:
     autograd (adding to the output of a layer that does not save it) only needs :func:`unobserved`.
     """
     return unobserved(producer) and grad_free([x])
+
+
+def result_buffer(out: torch.Tensor | None, like: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``out`` when it can hold a result shaped like ``like`` in ``dtype`` (same shape, dtype and device,
+    contiguous), else a fresh contiguous tensor: the chunked residual routes write into a buffer their caller owns
+    (often the residual input itself) and fall back to a new one when it does not fit."""
+    if (out is not None and out.shape == like.shape and out.dtype == dtype and out.device == like.device
+            and out.is_contiguous()):
+        return out
+    return torch.empty(like.shape, dtype=dtype, device=like.device)
 
 
 def activation(act: nn.Module, x: torch.Tensor, producer: nn.Module) -> torch.Tensor:

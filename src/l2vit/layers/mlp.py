@@ -5,7 +5,7 @@ import torch
 from timm.layers import Mlp as _TimmMlp
 from torch import nn
 
-from ._fastpath import activation, chunk_rows
+from ._fastpath import activation, chunk_rows, result_buffer
 
 __all__ = ['Mlp', 'mlp_residual_chunked']
 
@@ -28,19 +28,23 @@ class Mlp(_TimmMlp):
         return activation(self.act, x, self.fc1)
 
 
-def mlp_residual_chunked(x: torch.Tensor, norm: nn.Module, mlp: Mlp) -> torch.Tensor | None:
+def mlp_residual_chunked(x: torch.Tensor, norm: nn.Module, mlp: Mlp,
+                         out: torch.Tensor | None = None) -> torch.Tensor | None:
     """``x + mlp(norm(x))`` for inference, computed over chunks of tokens; None when ``x`` is too small to split.
 
     The hidden activation (4× the width) then only ever exists one cache-sized chunk at a time: no page faults for a
     huge fresh tensor, no round trip of it through main memory, and a peak far below the plain form's. Each token is
     computed exactly as in the plain form (row-wise ops only), so the values are the same.
+
+    ``out``: where to write the result (it may be ``x`` itself, whose rows are each read before they are written);
+    used when it is a contiguous tensor of ``x``'s shape and dtype, else a new tensor is returned.
     """
     C = x.shape[-1]
     flat = x.reshape(-1, C)
     rows = chunk_rows(mlp.fc1.out_features, flat.shape[0], device=x.device)
     if not rows:
         return None
-    out = torch.empty_like(flat, memory_format=torch.contiguous_format)
+    out = result_buffer(out, x, x.dtype).view(flat.shape)
     for start in range(0, flat.shape[0], rows):
         chunk = flat[start:start + rows]
         torch.add(chunk, mlp(norm(chunk)), out=out[start:start + rows])

@@ -38,7 +38,7 @@ from torch import nn
 
 from ..layers import ConvPosEnc, ConvStem, Downsample, LocalConcentration, create_mixer, get_mixer, is_local_mixer
 from ..layers._compat import feature_take_indices
-from ..layers._fastpath import eager_inference
+from ..layers._fastpath import can_overwrite, eager_inference, grad_free, unobserved
 from ..layers.mlp import Mlp, mlp_residual_chunked
 from ._weights import check_checkpoint_file
 
@@ -183,33 +183,59 @@ class L2ViTBlock(nn.Module):
         return f'mixer={self.mixer}, local_module={self.local_module}'
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # In eager inference the residual branches write into the block's own running map where nothing can see it
+        # (see _own): no fresh map-sized tensor per branch, whose pages the OS would fault in on every call. The
+        # block's input is never written.
+        block_in = x
         x = self.cpe[0](x)
         if torch.jit.is_scripting():
             x = x + self.drop_path(self.attn(self.norm1(x)))
         else:
-            x = self._attn_branch(x)
+            x = self._attn_branch(x, block_in)
         if self.local_mp is not None:
-            x = x + self.drop_path(self.local_mp(self.norm3(x)))
+            if torch.jit.is_scripting():
+                x = x + self.drop_path(self.local_mp(self.norm3(x)))
+            else:
+                x = self._lcm_branch(x, block_in)
         elif len(self.cpe) > 1:
             x = self.cpe[1](x)
         if torch.jit.is_scripting():
             return x + self.drop_path(self.mlp(self.norm2(x)))
-        return self._mlp_branch(x)
+        return self._mlp_branch(x, block_in)
 
     @torch.jit.unused
-    def _attn_branch(self, x):  # unannotated: TorchScript reads Tensor -> Tensor (and never calls it)
+    def _own(self, x, block_in, producer):  # unannotated: TorchScript reads Tensors (and never calls it)
+        """``x`` if this block may overwrite it, else None: a contiguous map this block made (its storage is not the
+        block input's), that ``producer`` (the last module that returned it) shows no hook and no gradient needs."""
+        if (x.is_contiguous() and can_overwrite(x, producer)
+                and x.untyped_storage().data_ptr() != block_in.untyped_storage().data_ptr()):
+            return x
+        return None
+
+    @torch.jit.unused
+    def _attn_branch(self, x, block_in):  # unannotated: TorchScript reads Tensors (and never calls it)
         # mixers that offer it run norm, attention and residual over cache-sized chunks in inference (same values)
         chunked = getattr(self.attn, 'chunked_residual', None)
         if chunked is not None and eager_inference(x, self.norm1, self.attn, self.drop_path):
-            out = chunked(x, self.norm1)
+            out = chunked(x, self.norm1, into=self._own(x, block_in, self.cpe[0]))
             if out is not None:
                 return out
         return x + self.drop_path(self.attn(self.norm1(x)))
 
     @torch.jit.unused
-    def _mlp_branch(self, x):  # unannotated: TorchScript reads Tensor -> Tensor (and never calls it)
+    def _lcm_branch(self, x, block_in):  # unannotated: TorchScript reads Tensors (and never calls it)
+        y = self.drop_path(self.local_mp(self.norm3(x)))
+        # x is the attention branch's result (fresh, or the CPE's output written in place); norm3 saw it as input
+        if (grad_free([x, y]) and unobserved(self.norm3) and torch.result_type(x, y) == x.dtype
+                and x.shape == y.shape and self._own(x, block_in, self.attn) is not None):
+            return x.add_(y)
+        return x + y
+
+    @torch.jit.unused
+    def _mlp_branch(self, x, block_in):  # unannotated: TorchScript reads Tensors (and never calls it)
         if eager_inference(x, self.norm2, self.mlp, self.drop_path):
-            out = mlp_residual_chunked(x, self.norm2, self.mlp)
+            producer = self.cpe[1] if len(self.cpe) > 1 else self.local_mp if self.local_mp is not None else self.attn
+            out = mlp_residual_chunked(x, self.norm2, self.mlp, out=self._own(x, block_in, producer))
             if out is not None:
                 return out
         return x + self.drop_path(self.mlp(self.norm2(x)))

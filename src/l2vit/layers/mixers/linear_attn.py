@@ -20,7 +20,7 @@ import torch
 from timm.layers import register_notrace_function
 from torch import nn
 
-from .._fastpath import chunk_rows, eager_inference, grad_free
+from .._fastpath import chunk_rows, eager_inference, grad_free, result_buffer
 from .._registry import register_mixer
 from ._common import query_index
 
@@ -248,7 +248,7 @@ class LinearGlobalAttention(nn.Module):
         return self.proj_drop(self.proj(out))
 
     @torch.jit.unused
-    def chunked_residual(self, x, norm):  # unannotated: TorchScript reads Tensors (and never calls it)
+    def chunked_residual(self, x, norm, into=None):  # unannotated: TorchScript reads Tensors (never calls it)
         """Inference route for ``x + self(norm(x))`` (``norm`` a module), or ``self(x)`` when ``norm`` is None.
 
         Two passes over chunks of tokens. Pass 1 norms and projects a chunk, keeps its φ(q) and adds its keys and
@@ -256,6 +256,10 @@ class LinearGlobalAttention(nn.Module):
         and adds the residual. The normed map, the full qkv, keys and values never exist: the working set is φ(q)
         and the output plus one cache-sized chunk. Values match the plain form up to the order of the fp32 sums
         over chunks. Returns None when the map is too small to be worth splitting.
+
+        ``into``: where to write the result, e.g. ``x`` itself (each chunk reads the tokens it writes and no others,
+        and pass 1 reads before pass 2 writes); used when it is contiguous, of ``x``'s shape and the result's
+        dtype, else a new tensor is returned.
         """
         B, H, W, C = x.shape
         N = H * W
@@ -292,8 +296,8 @@ class LinearGlobalAttention(nn.Module):
             y = self.proj_drop(self.proj(a.view(B, -1, C).to(qkv.dtype)))
             src = tokens[:, start:start + n]
             if out is None:  # the dtype the plain form would give (autocast: the residual's promotion)
-                out = torch.empty((B, N, C), dtype=torch.result_type(src, y) if norm is not None else y.dtype,
-                                  device=dev)
+                dtype = torch.result_type(src, y) if norm is not None else y.dtype
+                out = result_buffer(into, x, dtype).view(B, N, C)
             if norm is not None:
                 torch.add(src, y, out=out[:, start:start + n])
             else:

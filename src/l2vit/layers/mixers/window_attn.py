@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from timm.layers import register_notrace_function, use_fused_attn
 from torch import nn
 
-from .._fastpath import chunk_rows, eager_inference
+from .._fastpath import chunk_rows, eager_inference, result_buffer
 from .._registry import register_mixer
 from ..padding import pad_nhwc_to_multiple
 from ._naive import softmax_attention_naive
@@ -141,13 +141,16 @@ class LocalWindowAttention(nn.Module):
         return self.proj_drop(self.proj(out))
 
     @torch.jit.unused
-    def chunked_residual(self, x, norm):  # unannotated: TorchScript reads Tensors (and never calls it)
+    def chunked_residual(self, x, norm, into=None):  # unannotated: TorchScript reads Tensors (never calls it)
         """Inference route for ``x + self(norm(x))`` (``norm`` a module), or ``self(x)`` when ``norm`` is None.
 
         Works through groups of window rows of one image at a time: norm, zero padding, partition, attention,
         merge and residual add of a group all happen in cache, and no full-size normed map, padded map, window
         tensor, qkv or attention output is ever allocated. Each window is computed exactly as in the plain form.
         Returns None when the map is too small to be worth splitting (the caller then runs the plain form).
+
+        ``into``: where to write the result, e.g. ``x`` itself (each group of window rows reads only the rows it
+        writes); used when it is contiguous, of ``x``'s shape and the result's dtype, else a new tensor is returned.
         """
         B, H, W, C = x.shape
         ws = self.window_size
@@ -176,7 +179,7 @@ class LocalWindowAttention(nn.Module):
                 y = self._attend(windows, chunk_mask).view(g, nw, ws, ws, C).permute(0, 2, 1, 3, 4)
                 if out is None:  # the dtype the plain form would give (autocast: the residual's promotion)
                     dtype = torch.result_type(src, y) if norm is not None else y.dtype
-                    out = torch.empty((B, H, W, C), dtype=dtype, device=x.device)
+                    out = result_buffer(into, x, dtype)
                 dst = out[b, r0:r1]
                 if not padded:  # add straight from the window layout into the map layout
                     y, dst, src = y, dst.view(g, ws, nw, ws, C), src.reshape(g, ws, nw, ws, C)
