@@ -80,22 +80,8 @@ def time_callable(
         max_reps: Most timed calls.
         max_time: Seconds after which no new call starts (once ``min_reps`` are done).
     """
-    if min_reps < 1:
-        raise ValueError(f'min_reps must be >= 1, got {min_reps}')
-    for _ in range(warmup):
-        fn()
-    synchronize(device)
-    samples: list[float] = []
-    total = 0.0
-    max_time = math.inf if max_time is None else max_time
-    while len(samples) < max_reps and (len(samples) < min_reps or (total < min_time and total < max_time)):
-        synchronize(device)
-        start = time.perf_counter()
-        fn()
-        synchronize(device)
-        samples.append(time.perf_counter() - start)
-        total += samples[-1]
-    return TimingStats.from_samples(samples, warmup)
+    return time_interleaved([fn], device, warmup=warmup, min_reps=min_reps, min_time=min_time, max_reps=max_reps,
+                            max_time=max_time)[0]
 
 
 def time_interleaved(
