@@ -21,6 +21,7 @@ from l2vit.layers import (
     _fastpath,
     fast_paths,
 )
+from l2vit.layers import lcm as lcm_module
 from l2vit.layers.mlp import Mlp
 from tests.helpers import OFFICIAL_CASES, assert_within
 from tests.models.test_official_parity import _build, _load_case
@@ -44,6 +45,7 @@ def tiny_chunks(monkeypatch):
     monkeypatch.setattr(_fastpath, 'CHUNK_BYTES', 4 * 96 * 20)
     monkeypatch.setattr(_fastpath, 'SPLIT_BYTES', 0)
     monkeypatch.setattr(_fastpath, 'MIN_CHUNK_ROWS', 8)
+    monkeypatch.setattr(lcm_module, 'BAND_BYTES', 1)  # LCM bands of the fewest rows allowed
 
 
 def _both(module, *args):
@@ -133,6 +135,52 @@ def test_folded_stem_and_in_place_lcm_match_plain():
     stem.train()  # batch statistics: no folding
     with torch.no_grad():
         torch.testing.assert_close(stem(x), plain_of(stem, x))
+
+
+def _random_bn(bn):
+    with torch.no_grad():
+        bn.running_mean.uniform_(-1, 1)
+        bn.running_var.uniform_(0.5, 2)
+        bn.weight.uniform_(0.5, 1.5)
+        bn.bias.uniform_(-1, 1)
+
+
+# (batch, H, W, band bytes): bands of p + q rows, of rows with a short last band, one band, images one by one and
+# in groups of two; maps shorter than the kernel
+LCM_CASES = [(1, 23, 9, 1), (2, 30, 7, 4 * 16 * 7 * 11), (1, 5, 9, 1), (3, 12, 10, 8 * 12 * 10 * 16),
+             (3, 12, 10, 8 * 12 * 10 * 16 * 2), (1, 2, 3, 1), (2, 13, 6, 10 ** 9)]
+
+
+@pytest.mark.parametrize('case', LCM_CASES, ids=lambda c: 'x'.join(map(str, c)))
+@pytest.mark.parametrize('kernel', [7, 3])
+def test_banded_lcm_matches_plain(monkeypatch, case, kernel):
+    B, H, W, band = case
+    monkeypatch.setattr(lcm_module, 'BAND_BYTES', band)
+    lcm, norm = LocalConcentration(16, kernel).double().eval(), torch.nn.LayerNorm(16).double()
+    _random_bn(lcm.bn)
+    x = torch.randn(B, H, W, 16, dtype=torch.float64)
+    with torch.inference_mode():
+        ref = x + plain_of(lcm, norm(x))
+        if B * H * W * 16 * 8 <= band:
+            assert lcm.chunked_residual(x, norm) is None  # one band: the plain form
+            return
+        torch.testing.assert_close(lcm.chunked_residual(x, norm), ref, rtol=0, atol=1e-12)
+        own = x.clone()
+        out = lcm.chunked_residual(own, norm, into=own)  # in place: every band normed before it is overwritten
+        assert out is own
+        torch.testing.assert_close(own, ref, rtol=0, atol=1e-12)
+        other = torch.zeros(B, H, W, 16)  # a buffer of the wrong dtype is not used
+        assert lcm.chunked_residual(x, norm, into=other).dtype == torch.float64 and not other.any()
+
+
+def test_banded_lcm_only_for_same_padded_depthwise_convs(monkeypatch):
+    monkeypatch.setattr(lcm_module, 'BAND_BYTES', 1)
+    lcm, norm = LocalConcentration(8), torch.nn.LayerNorm(8)
+    x = torch.randn(1, 20, 6, 8)
+    with torch.inference_mode():
+        assert lcm.chunked_residual(x, norm) is not None
+        lcm.conv2.dilation = (2, 2)
+        assert lcm.chunked_residual(x, norm) is None
 
 
 def test_probe_hooks_see_full_queries_and_keys(tiny_chunks):

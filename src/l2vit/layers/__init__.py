@@ -17,4 +17,5 @@ from .mixers import (
     window_reverse,
 )
 from .padding import pad_nchw_to_multiple, pad_nhwc_to_multiple
+from .prepacked import clear_packed_weights, linear_inference
 from .stem import ConvStem, Downsample

@@ -5,7 +5,8 @@ import torch
 from timm.layers import Mlp as _TimmMlp
 from torch import nn
 
-from ._fastpath import activation, chunk_rows, result_buffer
+from ._fastpath import activation, chunk_rows, eager_inference, result_buffer
+from .prepacked import linear_inference
 
 __all__ = ['Mlp', 'mlp_residual_chunked']
 
@@ -16,12 +17,22 @@ class Mlp(_TimmMlp):
     which is the largest tensor of the block at high resolution."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not torch.jit.is_scripting() and self._fused_inference(x):
+            return linear_inference(self.fc2, linear_inference(self.fc1, x, gelu=True))
         x = self.fc1(x)
         x = self.act(x) if torch.jit.is_scripting() else self._act_in_place(x)
         x = self.drop1(x)
         x = self.norm(x)
         x = self.fc2(x)
         return self.drop2(x)
+
+    @torch.jit.unused
+    def _fused_inference(self, x):  # unannotated: TorchScript takes Tensor -> bool
+        """Whether ``fc2(GELU(fc1(x)))`` may run as two :func:`linear_inference` calls (exact GELU fused into the
+        first): linear layers, exact GELU, nothing between them, in eager inference."""
+        return (type(self.fc1) is nn.Linear and type(self.fc2) is nn.Linear and type(self.act) is nn.GELU
+                and self.act.approximate == 'none' and isinstance(self.norm, nn.Identity)
+                and eager_inference(x, self))
 
     @torch.jit.unused
     def _act_in_place(self, x):  # unannotated: TorchScript takes Tensor -> Tensor

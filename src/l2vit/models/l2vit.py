@@ -40,6 +40,7 @@ from ..layers import ConvPosEnc, ConvStem, Downsample, LocalConcentration, creat
 from ..layers._compat import feature_take_indices
 from ..layers._fastpath import can_overwrite, eager_inference, grad_free, unobserved
 from ..layers.mlp import Mlp, mlp_residual_chunked
+from ..layers.prepacked import clear_packed_weights
 from ._weights import check_checkpoint_file
 
 __all__ = ['L2ViT', 'L2ViTBlock', 'L2ViTStage', 'checkpoint_filter_fn', 'check_image_input', 'MIN_INPUT_SIZE']
@@ -224,6 +225,11 @@ class L2ViTBlock(nn.Module):
 
     @torch.jit.unused
     def _lcm_branch(self, x, block_in):  # unannotated: TorchScript reads Tensors (and never calls it)
+        if eager_inference(x, self.norm3, self.local_mp, self.drop_path):
+            # large maps: over bands of rows, the normed and hidden maps never at full size (same values)
+            out = self.local_mp.chunked_residual(x, self.norm3, into=self._own(x, block_in, self.attn))
+            if out is not None:
+                return out
         y = self.drop_path(self.local_mp(self.norm3(x)))
         # x is the attention branch's result (fresh, or the CPE's output written in place); norm3 saw it as input
         if (grad_free([x, y]) and unobserved(self.norm3) and torch.result_type(x, y) == x.dtype
@@ -469,6 +475,12 @@ class L2ViT(nn.Module):
                 (r'^norm', (99999,)),
             ],
         )
+
+    @torch.jit.ignore
+    def train(self, mode: bool = True) -> L2ViT:
+        if mode:  # the reordered weights of CPU inference (l2vit.layers.prepacked) go stale once training starts
+            clear_packed_weights(self)
+        return super().train(mode)
 
     @torch.jit.ignore
     def set_grad_checkpointing(self, enable: bool = True) -> None:

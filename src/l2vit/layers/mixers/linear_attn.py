@@ -22,6 +22,7 @@ from torch import nn
 
 from .._fastpath import chunk_rows, eager_inference, grad_free, result_buffer
 from .._registry import register_mixer
+from ..prepacked import linear_inference
 from ._common import query_index
 
 __all__ = ['LinearGlobalAttention', 'linear_attention', 'linear_attention_naive', 'split_heads',
@@ -231,11 +232,23 @@ class LinearGlobalAttention(nn.Module):
             out = self.chunked_residual(x, None)
             if out is not None:
                 return out
+            return self._forward(x, packed=True)
         return self._forward(x)
 
-    def _forward(self, x: torch.Tensor) -> torch.Tensor:
+    @torch.jit.unused
+    def _packed_qkv(self, x):  # unannotated: TorchScript reads Tensor -> Tensor (and never calls it)
+        return linear_inference(self.qkv, x)
+
+    @torch.jit.unused
+    def _packed_proj(self, x):  # unannotated: TorchScript reads Tensor -> Tensor (and never calls it)
+        return linear_inference(self.proj, x)
+
+    def _forward(self, x: torch.Tensor, packed: bool = False) -> torch.Tensor:
+        # packed: the projections through linear_inference (eager inference only)
+        packed = packed and not torch.jit.is_scripting()
         B, H, W, C = x.shape
-        qkv = self.qkv(x.reshape(B, H * W, C))
+        tokens = x.reshape(B, H * W, C)
+        qkv = self._packed_qkv(tokens) if packed else self.qkv(tokens)
         q, k, v = split_heads(qkv, self.num_heads)
         temperature = self.temperature
         if self.temperature_placement == 'key':
@@ -245,17 +258,20 @@ class LinearGlobalAttention(nn.Module):
         k = self.k_probe(k)
         out = linear_attention(q, k, v, temperature, self.clamp_min)  # B, heads, N, d; heads-last memory
         out = out.transpose(1, 2).reshape(B, H, W, C).to(qkv.dtype)  # a view, and the projection's precision
-        return self.proj_drop(self.proj(out))
+        return self.proj_drop(self._packed_proj(out) if packed else self.proj(out))
 
     @torch.jit.unused
     def chunked_residual(self, x, norm, into=None):  # unannotated: TorchScript reads Tensors (never calls it)
         """Inference route for ``x + self(norm(x))`` (``norm`` a module), or ``self(x)`` when ``norm`` is None.
 
-        Two passes over chunks of tokens. Pass 1 norms and projects a chunk, keeps its φ(q) and adds its keys and
-        values into the ``d × (d + 1)`` state; pass 2 turns each chunk of φ(q) into output tokens, projects them
-        and adds the residual. The normed map, the full qkv, keys and values never exist: the working set is φ(q)
-        and the output plus one cache-sized chunk. Values match the plain form up to the order of the fp32 sums
-        over chunks. Returns None when the map is too small to be worth splitting.
+        Two passes over chunks of tokens. Pass 1 norms a chunk, projects its keys and values and adds them into the
+        ``d × (d + 1)`` state; pass 2 norms each chunk again, projects its queries, turns φ(q) into output tokens,
+        projects them and adds the residual. The normed map, the full qkv, φ(q), keys and values never exist: the
+        working set is the output plus one cache-sized chunk (keeping φ(q) between the passes would cost a fresh
+        map-sized tensor per call, whose page faults outweigh normalising every token twice). The projections are
+        the rows of ``qkv`` for keys and values in pass 1 and for queries in pass 2: the same matrix multiplies as
+        one ``qkv``, split. Values match the plain form up to the order of the fp32 sums over chunks. Returns None
+        when the map is too small to be worth splitting.
 
         ``into``: where to write the result, e.g. ``x`` itself (each chunk reads the tokens it writes and no others,
         and pass 1 reads before pass 2 writes); used when it is contiguous, of ``x``'s shape and the result's
@@ -269,17 +285,19 @@ class LinearGlobalAttention(nn.Module):
         heads, d = self.num_heads, self.head_dim
         tokens = x.reshape(B, N, C)
         dev = x.device
-        q_all = kv = z = None
-        for start in range(0, N, n):
+
+        def normed(start):
             chunk = tokens[:, start:start + n]
-            qkv = self.qkv(norm(chunk) if norm is not None else chunk.contiguous())
-            acc = _accum_dtype(qkv.dtype)
-            if q_all is None:
-                q_all = torch.empty((B, heads, N, d), dtype=acc, device=dev)
+            return norm(chunk) if norm is not None else chunk.contiguous()
+
+        kv = z = None
+        for start in range(0, N, n):
+            kv_proj = linear_inference(self.qkv, normed(start), rows=(C, 3 * C))  # B, n, 2C
+            acc = _accum_dtype(kv_proj.dtype)
+            if kv is None:
                 kv = torch.zeros((B, heads, d, d), dtype=acc, device=dev)
                 z = torch.zeros((B, heads, d), dtype=acc, device=dev)
-            q, k, v = qkv.view(B, -1, 3, heads, d).permute(2, 0, 3, 1, 4).unbind(0)
-            _heads_major_into(q, q_all[:, :, start:start + n], relu=True)
+            k, v = kv_proj.view(B, -1, 2, heads, d).permute(2, 0, 3, 1, 4).unbind(0)
             k = _heads_major(k, acc, relu=True)
             v = _heads_major(v, acc, relu=False)
             with _autocast_disabled(dev.type):
@@ -289,12 +307,14 @@ class LinearGlobalAttention(nn.Module):
             state = torch.cat([kv * self.temperature.to(kv.dtype), z.unsqueeze(-1)], dim=-1)  # B, heads, d, d + 1
         out = None
         for start in range(0, N, n):
+            src = tokens[:, start:start + n]
+            q_proj = linear_inference(self.qkv, normed(start), rows=(0, C))  # B, n, C
+            q = _heads_major(q_proj.view(B, -1, heads, d).transpose(1, 2), acc, relu=True)
             with _autocast_disabled(dev.type):
-                num_den = torch.matmul(q_all[:, :, start:start + n], state)
+                num_den = torch.matmul(q, state)
                 a = torch.empty((B, num_den.shape[2], heads, d), dtype=num_den.dtype, device=dev)
                 torch.div(num_den[..., :d], num_den[..., d:].clamp_min(self.clamp_min), out=a.transpose(1, 2))
-            y = self.proj_drop(self.proj(a.view(B, -1, C).to(qkv.dtype)))
-            src = tokens[:, start:start + n]
+            y = self.proj_drop(linear_inference(self.proj, a.view(B, -1, C).to(q_proj.dtype)))
             if out is None:  # the dtype the plain form would give (autocast: the residual's promotion)
                 dtype = torch.result_type(src, y) if norm is not None else y.dtype
                 out = result_buffer(into, x, dtype).view(B, N, C)

@@ -14,6 +14,7 @@ from torch import nn
 from .._fastpath import chunk_rows, eager_inference, result_buffer
 from .._registry import register_mixer
 from ..padding import pad_nhwc_to_multiple
+from ..prepacked import linear_inference
 from ._naive import softmax_attention_naive
 
 __all__ = ['LocalWindowAttention', 'window_partition', 'window_reverse', 'window_key_mask']
@@ -111,19 +112,32 @@ class LocalWindowAttention(nn.Module):
             out = self.chunked_residual(x, None)
             if out is not None:
                 return out
+            return self._forward(x, packed=True)
         return self._forward(x)
 
-    def _forward(self, x: torch.Tensor) -> torch.Tensor:
+    def _forward(self, x: torch.Tensor, packed: bool = False) -> torch.Tensor:
         B, H, W, C = x.shape
         ws = self.window_size
         windows = window_partition(pad_nhwc_to_multiple(x, ws), ws)  # B*nW, ws*ws, C
         mask = window_key_mask(H, W, ws, B, x.device) if self.mask_padding else None
-        return window_reverse(self._attend(windows, mask), ws, H, W)
+        return window_reverse(self._attend(windows, mask, packed), ws, H, W)
 
-    def _attend(self, windows: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-        """Attention within each of ``(B * nW, ws * ws, C)`` windows, output projection included."""
-        Bw, N, C = windows.shape
-        qkv = self.qkv(windows).reshape(Bw, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+    def _attend(self, windows: torch.Tensor, mask: torch.Tensor | None, packed: bool = False) -> torch.Tensor:
+        """Attention within each of ``(B * nW, ws * ws, C)`` windows, output projection included. ``packed``: the
+        projections through :func:`~l2vit.layers.prepacked.linear_inference` (eager inference only)."""
+        if packed and not torch.jit.is_scripting():
+            return self.proj_drop(self._attend_packed(windows, mask))
+        return self.proj_drop(self.proj(self._mix(self.qkv(windows), mask)))
+
+    @torch.jit.unused
+    def _attend_packed(self, windows: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        return linear_inference(self.proj, self._mix(linear_inference(self.qkv, windows), mask))
+
+    def _mix(self, qkv: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        """``(B * nW, ws * ws, 3C)`` qkv projections → attention output ``(B * nW, ws * ws, C)``, before ``proj``."""
+        Bw, N = qkv.shape[0], qkv.shape[1]
+        C = qkv.shape[2] // 3
+        qkv = qkv.reshape(Bw, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
         q, k, v = qkv.unbind(0)  # B*nW, heads, ws*ws, head_dim (strided views: SDPA reads them as they are)
         if self.fused_attn:
             out = F.scaled_dot_product_attention(
@@ -137,8 +151,7 @@ class LocalWindowAttention(nn.Module):
                 attn = attn.masked_fill(~mask, float('-inf'))
             attn = self.attn_drop(attn.softmax(dim=-1))
             out = attn @ v
-        out = out.transpose(1, 2).reshape(Bw, N, C)  # a view for SDPA's heads-last output
-        return self.proj_drop(self.proj(out))
+        return out.transpose(1, 2).reshape(Bw, N, C)  # a view for SDPA's heads-last output
 
     @torch.jit.unused
     def chunked_residual(self, x, norm, into=None):  # unannotated: TorchScript reads Tensors (never calls it)
@@ -176,7 +189,7 @@ class LocalWindowAttention(nn.Module):
                     tok = buf
                 windows = tok.reshape(g, ws, nw, ws, C).permute(0, 2, 1, 3, 4).reshape(-1, ws * ws, C)
                 chunk_mask = mask[(b * nh + ih0) * nw:(b * nh + ih1) * nw] if mask is not None else None
-                y = self._attend(windows, chunk_mask).view(g, nw, ws, ws, C).permute(0, 2, 1, 3, 4)
+                y = self._attend(windows, chunk_mask, packed=True).view(g, nw, ws, ws, C).permute(0, 2, 1, 3, 4)
                 if out is None:  # the dtype the plain form would give (autocast: the residual's promotion)
                     dtype = torch.result_type(src, y) if norm is not None else y.dtype
                     out = result_buffer(into, x, dtype)

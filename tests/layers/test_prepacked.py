@@ -1,0 +1,117 @@
+"""linear_inference (oneDNN-reordered weights for CPU float32 inference) against its naive twin, F.linear."""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import timm
+import torch
+import torch.nn.functional as F
+
+from l2vit.layers import clear_packed_weights, fast_paths, linear_inference, prepacked
+
+pytestmark = pytest.mark.skipif(not prepacked.packing_available(), reason='PyTorch built without oneDNN')
+
+
+def _close(a, b):
+    # the same sums as F.linear's, possibly in another order: float32 rounding of a K-term dot product
+    torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+def _packed_rows(layer):
+    return set(prepacked._packed.get(layer, {}))
+
+
+@pytest.mark.parametrize('gelu', [False, True], ids=['linear', 'gelu'])
+@pytest.mark.parametrize('bias', [True, False], ids=['bias', 'nobias'])
+def test_matches_f_linear(gelu, bias):
+    layer = torch.nn.Linear(96, 288, bias=bias)
+    inputs = [torch.randn(37, 96), torch.randn(2, 49, 96), torch.randn(2, 7, 5, 192)[..., ::2],  # strided
+              torch.randn(1, 96)]
+    with torch.inference_mode():
+        for x in inputs:
+            ref = F.linear(x, layer.weight, layer.bias)
+            ref = F.gelu(ref) if gelu else ref
+            out = linear_inference(layer, x, gelu=gelu)
+            assert out.shape == ref.shape and out.dtype == torch.float32
+            _close(out, ref)
+    assert _packed_rows(layer) == {(0, 288)}  # the reordered route really ran
+
+
+def test_row_blocks_are_separate_weights():
+    layer = torch.nn.Linear(32, 96)
+    x = torch.randn(50, 32)
+    with torch.inference_mode():
+        for rows in [(0, 32), (32, 96), (0, 96)]:
+            ref = F.linear(x, layer.weight[rows[0]:rows[1]], layer.bias[rows[0]:rows[1]])
+            _close(linear_inference(layer, x, rows=rows), ref)
+    assert _packed_rows(layer) == {(0, 32), (32, 96), (0, 96)}
+
+
+def test_weight_changes_are_followed():
+    layer = torch.nn.Linear(16, 24)
+    x = torch.randn(10, 16)
+
+    def check():
+        with torch.inference_mode():
+            _close(linear_inference(layer, x), F.linear(x, layer.weight, layer.bias))
+
+    check()
+    with torch.no_grad():
+        layer.weight.mul_(-2)  # in place: the version counter moves
+    check()
+    layer.load_state_dict({'weight': torch.randn(24, 16), 'bias': torch.randn(24)})
+    check()
+    layer.weight.data = torch.randn(24, 16)  # new storage
+    check()
+    optimizer = torch.optim.SGD(layer.parameters(), lr=0.1)
+    layer(x).square().sum().backward()
+    optimizer.step()
+    check()
+
+
+def test_fallbacks_are_plain_f_linear():
+    layer = torch.nn.Linear(16, 24)
+    x = torch.randn(10, 16)
+    double = copy.deepcopy(layer).double()
+    with torch.inference_mode():  # float64: F.linear exactly
+        assert torch.equal(linear_inference(double, x.double(), gelu=True),
+                           F.gelu(F.linear(x.double(), double.weight, double.bias)))
+    with fast_paths(False), torch.inference_mode():
+        assert torch.equal(linear_inference(layer, x), F.linear(x, layer.weight, layer.bias))
+    with torch.autocast('cpu', dtype=torch.bfloat16), torch.inference_mode():
+        assert linear_inference(layer, x).dtype == torch.bfloat16  # autocast's own linear
+    assert not _packed_rows(layer) and not _packed_rows(double)
+    # a gradient to compute: F.linear and an out-of-place GELU, so autograd works
+    y = linear_inference(layer, x.requires_grad_(), gelu=True)
+    y.sum().backward()
+    torch.testing.assert_close(x.grad, torch.func.grad(lambda t: F.gelu(F.linear(t, layer.weight, layer.bias)).sum())(
+        x.detach()))
+    assert not _packed_rows(layer)
+
+
+def test_cache_is_outside_the_module_and_can_be_cleared():
+    model = timm.create_model('test_l2vit').eval()
+    keys = list(model.state_dict())
+    with torch.inference_mode():
+        model(torch.randn(1, 3, 64, 64))
+    packed = [m for m in model.modules() if _packed_rows(m)]
+    assert packed  # MLPs and mixers took the route
+    assert list(model.state_dict()) == keys
+    clone = copy.deepcopy(model)  # deep copies and pickles never see the reordered weights
+    assert not any(_packed_rows(m) for m in clone.modules())
+    clear_packed_weights(packed[0])
+    assert not _packed_rows(packed[0]) and _packed_rows(packed[-1])
+    model.train()  # training makes them stale: dropped
+    assert not any(_packed_rows(m) for m in model.modules())
+
+
+def test_whole_model_float32_matches_plain_route():
+    model = timm.create_model('test_l2vit', num_classes=7).eval()
+    x = torch.randn(2, 3, 64, 96)
+    with torch.inference_mode():
+        fast = model(x)
+        with fast_paths(False):
+            plain = model(x)
+    torch.testing.assert_close(fast, plain, rtol=1e-4, atol=1e-5)
+    assert any(_packed_rows(m) for m in model.modules())
