@@ -64,6 +64,10 @@ def test_weight_changes_are_followed():
     check()
     layer.weight.data = torch.randn(24, 16)  # new storage
     check()
+    for _ in range(3):  # swaps with no call in between: the freed storage may come back at the cached address
+        layer.weight.data = torch.randn(24, 16)
+        layer.weight.data = torch.randn(24, 16)
+        check()
     optimizer = torch.optim.SGD(layer.parameters(), lr=0.1)
     layer(x).square().sum().backward()
     optimizer.step()

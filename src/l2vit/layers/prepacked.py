@@ -33,7 +33,7 @@ __all__ = ['linear_inference', 'clear_packed_weights', 'packing_available']
 # Row count the reorder is tuned for (about one chunk of the fast paths); any row count works.
 _ROWS_HINT = 1024
 
-# module -> {(first_row, last_row): (data_ptr, version, packed)}
+# module -> {(first_row, end_row): (data_ptr, version, weight it was made from, packed)}
 _packed: weakref.WeakKeyDictionary[nn.Module, dict] = weakref.WeakKeyDictionary()
 _lock = threading.Lock()
 
@@ -59,10 +59,12 @@ def _packed_weight(linear: nn.Linear, weight: torch.Tensor, rows: tuple[int, int
     with _lock:
         entry = _packed.setdefault(linear, {}).get(rows)
     if entry is not None and entry[:2] == key:
-        return entry[2]
+        return entry[3]
     packed = torch.ops.mkldnn._reorder_linear_weight(weight.detach(), _ROWS_HINT)
     with _lock:
-        _packed.setdefault(linear, {})[rows] = (*key, packed)
+        # the entry holds the weight it was made from, so its memory cannot be freed and reused by another weight
+        # at the same address (which would match the key after ``.data`` swaps)
+        _packed.setdefault(linear, {})[rows] = (*key, weight.detach(), packed)
     return packed
 
 
