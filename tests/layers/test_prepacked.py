@@ -97,13 +97,18 @@ def test_fallbacks_are_plain_f_linear():
 def test_cache_is_outside_the_module_and_can_be_cleared():
     model = timm.create_model('test_l2vit').eval()
     keys = list(model.state_dict())
+    x = torch.randn(1, 3, 64, 64)
     with torch.inference_mode():
-        model(torch.randn(1, 3, 64, 64))
+        model(x)
     packed = [m for m in model.modules() if _packed_rows(m)]
     assert packed  # MLPs and mixers took the route
     assert list(model.state_dict()) == keys
-    clone = copy.deepcopy(model)  # deep copies and pickles never see the reordered weights
+    # no module holds a reordered (opaque oneDNN) tensor, so deep copies and pickles never see one
+    assert not any(isinstance(v, torch.Tensor) and v.is_mkldnn for m in model.modules() for v in vars(m).values())
+    clone = copy.deepcopy(model)
     assert not any(_packed_rows(m) for m in clone.modules())
+    with torch.inference_mode():
+        torch.testing.assert_close(clone(x), model(x), rtol=0, atol=0)
     clear_packed_weights(packed[0])
     assert not _packed_rows(packed[0]) and _packed_rows(packed[-1])
     model.train()  # training makes them stale: dropped

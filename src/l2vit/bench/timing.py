@@ -55,33 +55,16 @@ class TimingStats:
         return asdict(self)
 
 
-def time_callable(
-        fn: Callable[[], object],
-        device: torch.device | str = 'cpu',
-        warmup: int = 2,
-        min_reps: int = 5,
-        min_time: float = 2.0,
-        max_reps: int = 200,
-        max_time: float | None = None,
-) -> TimingStats:
-    """Time ``fn()`` after ``warmup`` untimed calls.
+def time_callable(fn: Callable[[], object], device: torch.device | str = 'cpu', **settings) -> TimingStats:
+    """Time ``fn()`` after ``warmup`` untimed calls: :func:`time_interleaved` of one function (same ``settings``:
+    ``warmup``, ``min_reps``, ``min_time``, ``max_reps``, ``max_time``).
 
     Timed calls continue until at least ``min_reps`` calls *and* ``min_time`` seconds are done (but no more than
     ``max_reps`` calls, and no new call starts after ``max_time`` seconds once ``min_reps`` are done, so a slow
     configuration costs a bounded time). Each call is timed separately, with the device synchronised before the
     clock starts and before it stops.
-
-    Args:
-        fn: The work to time (its result is discarded).
-        device: Device to synchronise.
-        warmup: Untimed calls first (kernel selection, caches, lazy initialisation).
-        min_reps: Fewest timed calls.
-        min_time: Fewest seconds of timed calls.
-        max_reps: Most timed calls.
-        max_time: Seconds after which no new call starts (once ``min_reps`` are done).
     """
-    return time_interleaved([fn], device, warmup=warmup, min_reps=min_reps, min_time=min_time, max_reps=max_reps,
-                            max_time=max_time)[0]
+    return time_interleaved([fn], device, **settings)[0]
 
 
 def time_interleaved(
@@ -103,7 +86,14 @@ def time_interleaved(
     calls *and* at least ``min_time`` seconds of them (but no more than ``max_reps`` rounds, and no new round once
     ``min_reps`` are done and the rounds so far took ``max_time`` seconds per function).
 
-    Args: as :func:`time_callable`, for each of ``fns``; ``max_time`` bounds the rounds' mean time per function.
+    Args:
+        fns: The work to time (results are discarded).
+        device: Device to synchronise.
+        warmup: Untimed rounds first (kernel selection, caches, lazy initialisation).
+        min_reps: Fewest timed calls of each function.
+        min_time: Fewest seconds of timed calls of each function.
+        max_reps: Most rounds.
+        max_time: Mean seconds per function after which no new round starts (once ``min_reps`` are done).
 
     Returns:
         One :class:`TimingStats` per function, in the order of ``fns``.

@@ -21,7 +21,7 @@ from torch.autograd.function import once_differentiable
 from ..csrc import cpu_kernels
 from ._fastpath import unobserved
 
-__all__ = ['depthwise_conv2d', 'depthwise_weight_grad', 'FAST_KERNEL_SIZES']
+__all__ = ['depthwise_conv2d', 'depthwise_weight_grad', 'is_same_depthwise', 'FAST_KERNEL_SIZES']
 
 # oneDNN's own weight gradient is as fast or faster for 3×3 (measured, docs/performance.md)
 FAST_KERNEL_SIZES = (5, 7)
@@ -69,18 +69,23 @@ class _DepthwiseConv2d(torch.autograd.Function):
         return grad_x, grad_w, grad_b, None
 
 
+def is_same_depthwise(conv: nn.Conv2d, channels: int) -> bool:
+    """Whether ``conv`` is a depth-wise convolution of ``channels`` channels with an odd square kernel, stride 1 and
+    "same" zero padding (``k // 2``, no dilation)."""
+    k = conv.kernel_size[0]
+    return (conv.kernel_size == (k, k) and k % 2 == 1 and conv.padding == (k // 2, k // 2)
+            and conv.stride == (1, 1) and conv.dilation == (1, 1) and conv.padding_mode == 'zeros'
+            and conv.groups == conv.in_channels == conv.out_channels == channels)
+
+
 def _fast_route(conv: nn.Conv2d, x: torch.Tensor) -> bool:
     weight = conv.weight
-    k = conv.kernel_size[0]
     return (
         unobserved(conv)  # first: False while FX / dynamo / TorchScript trace (x may be a proxy) or hooks watch conv
         and torch.is_grad_enabled() and weight.requires_grad
         and x.device.type == 'cpu' and x.dtype == torch.float32 and weight.dtype == torch.float32
         and x.dim() == 4 and x.permute(0, 2, 3, 1).is_contiguous()
-        and k in FAST_KERNEL_SIZES and conv.kernel_size == (k, k)
-        and conv.groups == conv.in_channels == conv.out_channels == x.shape[1]
-        and conv.stride == (1, 1) and conv.dilation == (1, 1) and conv.padding == (k // 2, k // 2)
-        and conv.padding_mode == 'zeros'
+        and conv.kernel_size[0] in FAST_KERNEL_SIZES and is_same_depthwise(conv, x.shape[1])
         and not torch.is_autocast_enabled('cpu')
         and cpu_kernels() is not None
     )

@@ -6,7 +6,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ._fastpath import activation, can_overwrite, frozen_bn_affine, result_buffer, unobserved
-from .dwconv import depthwise_conv2d
+from .dwconv import depthwise_conv2d, is_same_depthwise
 
 __all__ = ['LocalConcentration']
 
@@ -82,7 +82,7 @@ class LocalConcentration(nn.Module):
         result's dtype, else a new tensor is returned.
         """
         convs = (self.conv1, self.conv2)
-        if x.device.type != 'cpu' or x.dim() != 4 or not all(_same_depthwise(c, x.shape[-1]) for c in convs):
+        if x.device.type != 'cpu' or x.dim() != 4 or not all(is_same_depthwise(c, x.shape[-1]) for c in convs):
             return None
         B, H, W, C = x.shape
         image_bytes = H * W * C * x.element_size()
@@ -97,7 +97,7 @@ class LocalConcentration(nn.Module):
             images = max(1, BAND_BYTES // image_bytes)
             rows = H
         out = None
-        pending = None  # (images, rows, source rows, LCM output) of the band not written yet
+        pending = None  # write() arguments of the band not written yet: (first image, first row, end row, x rows, y)
 
         def write(b0, r0, r1, src, y):
             nonlocal out
@@ -120,14 +120,6 @@ class LocalConcentration(nn.Module):
                 pending = (b0, r0, r1, xb[:, r0:r1], y)
         write(*pending)
         return out
-
-
-def _same_depthwise(conv: nn.Conv2d, channels: int) -> bool:
-    """A depth-wise, stride-1, zero-padded "same" convolution with an odd square kernel."""
-    k = conv.kernel_size[0]
-    return (conv.kernel_size == (k, k) and k % 2 == 1 and conv.padding == (k // 2, k // 2)
-            and conv.stride == (1, 1) and conv.dilation == (1, 1) and conv.padding_mode == 'zeros'
-            and conv.groups == conv.in_channels == conv.out_channels == channels)
 
 
 def _conv_rows(conv: nn.Conv2d, x: torch.Tensor, pad_top: int, pad_bottom: int) -> torch.Tensor:
