@@ -94,6 +94,25 @@ def test_fallbacks_are_plain_f_linear():
     assert not _packed_rows(layer)
 
 
+def test_inference_tensor_weights_take_the_plain_route():
+    # a model built under inference_mode has weights without a version counter: a cached copy could not notice
+    # in-place writes to them, so they are never packed (this used to raise "Inference tensors do not track
+    # version counter" in the benchmark's precision check)
+    with torch.inference_mode():
+        model = timm.create_model('test_l2vit', num_classes=5).eval()
+        x = torch.randn(2, 3, 64, 64)
+        y = model(x)
+        assert not any(_packed_rows(m) for m in model.modules())
+        with fast_paths(False):
+            torch.testing.assert_close(y, model(x), rtol=0, atol=1e-5)
+        layer = model.stages[0].blocks[0].mlp.fc1
+        z = torch.randn(3, layer.in_features)
+        before = linear_inference(layer, z)
+        layer.weight.mul_(2)  # in place, no version bump: the plain route sees it
+        torch.testing.assert_close(linear_inference(layer, z), F.linear(z, layer.weight, layer.bias))
+        assert not torch.equal(before, linear_inference(layer, z))
+
+
 def test_cache_is_outside_the_module_and_can_be_cleared():
     model = timm.create_model('test_l2vit').eval()
     keys = list(model.state_dict())

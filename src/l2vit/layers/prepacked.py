@@ -8,7 +8,9 @@ exact GELU after it is another pass over the hidden activation. :func:`linear_in
 (``torch.ops.mkldnn._linear_pointwise``, the kernel inductor's frozen CPU graphs use).
 
 It is taken only where it can change nothing but speed and rounding: float32 input and weight on the CPU, no
-gradient, no autocast, the fast paths on (:func:`l2vit.layers.fast_paths`), a PyTorch built with oneDNN. Everything
+gradient, no autocast, the fast paths on (:func:`l2vit.layers.fast_paths`), a PyTorch built with oneDNN, and a weight
+that is not an inference tensor (a model built under ``torch.inference_mode``: such tensors have no version counter,
+so a cached copy could not notice in-place writes to them). Everything
 else gets ``F.linear`` (then GELU), which is also its naive twin in the tests. The products are the same sums as
 ``F.linear``'s up to their order (bit-identical for most shapes measured; within 2e-4 of it in the worst case of
 K=1536 random rows, where both are ~1e-4 from float64).
@@ -50,7 +52,7 @@ _AVAILABLE = packing_available()
 def _usable(x: torch.Tensor, weight: torch.Tensor) -> bool:
     return (_AVAILABLE and fast_paths_enabled()
             and x.device.type == 'cpu' and x.dtype == torch.float32 and weight.dtype == torch.float32
-            and not torch.is_autocast_enabled('cpu')
+            and not torch.is_autocast_enabled('cpu') and not weight.is_inference()
             and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)))
 
 
