@@ -14,6 +14,39 @@ def test_cpe_is_residual_depthwise_conv():
     torch.testing.assert_close(cpe(x), ref)
 
 
+def test_cpe_training_adds_in_place_on_the_conv_output_not_a_view():
+    cpe = ConvPosEnc(8).double()
+    x0 = torch.randn(2, 5, 6, 8, dtype=torch.float64)
+    gy = torch.randn(2, 5, 6, 8, dtype=torch.float64)
+
+    def grads(fn):
+        cpe.zero_grad()
+        x = x0.clone().requires_grad_()
+        y = fn(x)
+        y.backward(gy)
+        return y, [x.grad, cpe.proj.weight.grad, cpe.proj.bias.grad]
+
+    def plain(x):
+        return x + F.conv2d(x.permute(0, 3, 1, 2), cpe.proj.weight, cpe.proj.bias, padding=1,
+                            groups=8).permute(0, 2, 3, 1)
+
+    y, g = grads(cpe)
+    y0, g0 = grads(plain)
+    torch.testing.assert_close(y, y0, rtol=0, atol=1e-14)
+    for a, b in zip(g, g0):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-13)
+    # an in-place op on the NHWC view would make autograd copy the gradient (CopySlices / AsStrided nodes)
+    nodes, todo = set(), [y.grad_fn]
+    while todo:
+        node = todo.pop()
+        if node is not None and node not in nodes:
+            nodes.add(node)
+            todo.extend(n for n, _ in node.next_functions)
+    names = {type(n).__name__ for n in nodes}
+    assert 'CopySlices' not in names and not any('AsStrided' in n for n in names), names
+    assert y.is_contiguous()
+
+
 def test_lcm_order_is_conv_gelu_bn_conv():
     lcm = LocalConcentration(8).double().eval()
     with torch.no_grad():

@@ -25,11 +25,16 @@ class ConvPosEnc(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # NHWC -> NCHW is a view with channels_last strides, which the depth-wise conv consumes directly; its output
         # is channels_last too, so the permute back is contiguous NHWC
-        y = self.proj(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
-        return x + y if torch.jit.is_scripting() else self._residual(x, y)
+        x = x.permute(0, 3, 1, 2)
+        y = self.proj(x)
+        y = x + y if torch.jit.is_scripting() else self._residual(x, y)
+        return y.permute(0, 2, 3, 1)
 
     @torch.jit.unused
     def _residual(self, x, y):  # unannotated: TorchScript reads Tensor -> Tensor (and never calls it)
-        if unobserved(self.proj) and y.dtype == x.dtype:
-            return y.add_(x)  # a conv does not save its output for backward: adding in place is exact, one tensor less
+        # A conv does not save its output for backward, so adding in place is exact and one tensor less. It is done
+        # on the conv's own output, not on the NHWC view of it: an in-place op on a view makes autograd's backward
+        # copy the whole gradient twice (CopySlices).
+        if unobserved(self.proj) and y.dtype == x.dtype and y.shape == x.shape:
+            return y.add_(x)
         return x + y

@@ -23,6 +23,7 @@ from torch import nn
 from .._fastpath import chunk_rows, eager_inference, grad_free, result_buffer
 from .._registry import register_mixer
 from ..prepacked import linear_inference
+from ..qkv import split_qkv
 from ._common import query_index
 
 __all__ = ['LinearGlobalAttention', 'linear_attention', 'linear_attention_naive', 'split_heads',
@@ -64,7 +65,7 @@ def split_heads(qkv: torch.Tensor, num_heads: int) -> tuple[torch.Tensor, torch.
     Half-precision projections give fp32 results (the precision of the attention core).
     """
     B, N = qkv.shape[0], qkv.shape[1]
-    q, k, v = qkv.view(B, N, 3, num_heads, -1).permute(2, 0, 3, 1, 4).unbind(0)  # views, heads interleaved
+    q, k, v = split_qkv(qkv, num_heads)  # views, heads interleaved
     acc = _accum_dtype(qkv.dtype)
     q = _heads_major(q, acc, relu=True)
     k = _heads_major(k, acc, relu=True)

@@ -15,6 +15,7 @@ from .._fastpath import chunk_rows, eager_inference, result_buffer
 from .._registry import register_mixer
 from ..padding import pad_nhwc_to_multiple
 from ..prepacked import linear_inference
+from ..qkv import split_qkv
 from ._naive import softmax_attention_naive
 
 __all__ = ['LocalWindowAttention', 'window_partition', 'window_reverse', 'window_key_mask']
@@ -137,8 +138,7 @@ class LocalWindowAttention(nn.Module):
         """``(B * nW, ws * ws, 3C)`` qkv projections → attention output ``(B * nW, ws * ws, C)``, before ``proj``."""
         Bw, N = qkv.shape[0], qkv.shape[1]
         C = qkv.shape[2] // 3
-        qkv = qkv.reshape(Bw, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
-        q, k, v = qkv.unbind(0)  # B*nW, heads, ws*ws, head_dim (strided views: SDPA reads them as they are)
+        q, k, v = split_qkv(qkv, self.num_heads)  # B*nW, heads, ws*ws, head_dim (strided views: SDPA reads them)
         if self.fused_attn:
             out = F.scaled_dot_product_attention(
                 q, k, v,
