@@ -64,7 +64,7 @@ def split_heads(qkv: torch.Tensor, num_heads: int) -> tuple[torch.Tensor, torch.
 
     Half-precision projections give fp32 results (the precision of the attention core).
     """
-    B, N = qkv.shape[0], qkv.shape[1]
+    B = qkv.shape[0]
     q, k, v = split_qkv(qkv, num_heads)  # views, heads interleaved
     acc = _accum_dtype(qkv.dtype)
     q = _heads_major(q, acc, relu=True)
