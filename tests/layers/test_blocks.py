@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from l2vit.layers import ConvPosEnc, ConvStem, Downsample, LocalConcentration
 
@@ -80,3 +81,40 @@ def test_downsample_norms_before_padding():
     assert out.shape == (1, 3, 4, 16)
     y = F.pad(down.norm(x).permute(0, 3, 1, 2), (0, 1, 0, 1))
     torch.testing.assert_close(out, F.conv2d(y, down.proj.weight, down.proj.bias, stride=2).permute(0, 2, 3, 1))
+
+
+def test_stem_training_relu_in_place_keeps_gradients_and_running_stats():
+    torch.manual_seed(0)
+    stem = ConvStem(3, 16).double().train()
+    plain = ConvStem(3, 16).double().train()
+    plain.load_state_dict(stem.state_dict())
+    x = torch.randn(2, 3, 20, 24, dtype=torch.float64)
+    gy = torch.randn(2, 5, 6, 16, dtype=torch.float64)
+
+    def run(m, forward):
+        xi = x.clone().requires_grad_()
+        y = forward(m, xi)
+        y.backward(gy)
+        return y, [xi.grad] + [p.grad for p in m.parameters()] + [m.bn1.running_mean, m.bn1.running_var]
+
+    def reference(m, xi):  # the official order, out of place
+        h = F.relu(m.bn1(m.conv1(xi)))
+        return m.norm(m.bn2(m.conv2(h)).permute(0, 2, 3, 1))
+
+    y, got = run(stem, lambda m, xi: m(xi))
+    y0, want = run(plain, reference)
+    assert y.grad_fn is not None
+    torch.testing.assert_close(y, y0, rtol=0, atol=1e-13)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-12)
+    # the ReLU ran in place on the BatchNorm's output
+    ops = []
+
+    class Record(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            ops.append(func.__name__)
+            return func(*args, **(kwargs or {}))
+
+    with Record():
+        stem(x.clone().requires_grad_())
+    assert 'relu_.default' in ops and 'relu.default' not in ops

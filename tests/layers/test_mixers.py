@@ -9,6 +9,7 @@ from l2vit.layers import (
     LinearGlobalAttention,
     LocalWindowAttention,
     create_mixer,
+    fast_paths,
     get_mixer,
     linear_attention,
     linear_attention_naive,
@@ -200,3 +201,42 @@ def test_global_softmax_matches_reference(fused):
     q, k, v = _heads(mixer, x.reshape(2, 30, 32))
     ref = mixer.proj(softmax_attention_naive(q, k, v, mixer.scale).transpose(1, 2).reshape(2, 30, 32))
     torch.testing.assert_close(mixer(x), ref.reshape(2, 6, 5, 32))
+
+
+@pytest.mark.parametrize('batch', [1, 3])
+def test_split_heads_training_route_matches_plain(batch):
+    from l2vit.layers.mixers import linear_attn
+    heads, N, C = 2, 10, 8
+    qkv0 = torch.randn(batch, N, 3 * C, dtype=torch.float64)
+    qkv0[..., :2 * C].mul_(2).sub_(0.5)  # q and k with many negatives: ReLU's mask matters
+    weights = [torch.randn(batch, heads, N, C // heads, dtype=torch.float64) for _ in range(3)]
+
+    def run(split, used=(0, 1, 2), create_graph=False):
+        qkv = qkv0.clone().requires_grad_()
+        outs = split(qkv, heads)
+        loss = sum((outs[i] * weights[i]).sin().sum() for i in used)
+        (grad,) = torch.autograd.grad(loss, qkv, create_graph=create_graph)
+        return outs, grad, qkv
+
+    outs, grad, _ = run(linear_attn.split_heads)
+    ref_outs, ref_grad, _ = run(linear_attn._split_heads_plain)
+    assert type(outs[0].grad_fn).__name__ == '_SplitHeadsBackward'
+    for a, b in zip(outs, ref_outs):
+        assert torch.equal(a, b) and a.is_contiguous() == b.is_contiguous()
+    assert torch.equal(grad, ref_grad)
+    # an output nobody uses (v in attention_weights): zero gradient there
+    assert torch.equal(run(linear_attn.split_heads, used=(0, 1))[1], run(linear_attn._split_heads_plain, used=(0, 1))[1])
+    # double backward (create_graph) through the differentiable form
+    _, g, qkv = run(linear_attn.split_heads, create_graph=True)
+    _, g0, qkv0_ = run(linear_attn._split_heads_plain, create_graph=True)
+    (gg,) = torch.autograd.grad((g ** 2).sum(), qkv)
+    (gg0,) = torch.autograd.grad((g0 ** 2).sum(), qkv0_)
+    torch.testing.assert_close(gg, gg0, rtol=1e-12, atol=1e-12)
+    # inference, half precision and fast paths off take the plain route
+    with torch.no_grad():
+        assert linear_attn.split_heads(qkv0, heads)[0].grad_fn is None
+    with fast_paths(False):
+        q = linear_attn.split_heads(qkv0.clone().requires_grad_(), heads)[0]
+        assert type(q.grad_fn).__name__ != '_SplitHeadsBackward'
+    q = linear_attn.split_heads(qkv0.to(torch.bfloat16).requires_grad_(), heads)[0]
+    assert q.dtype == torch.float32 and type(q.grad_fn).__name__ != '_SplitHeadsBackward'

@@ -20,10 +20,10 @@ import torch
 from timm.layers import register_notrace_function
 from torch import nn
 
-from .._fastpath import chunk_rows, eager_inference, grad_free, result_buffer
+from .._fastpath import chunk_rows, eager_inference, grad_free, result_buffer, unobserved
 from .._registry import register_mixer
 from ..prepacked import linear_inference
-from ..qkv import split_qkv
+from ..qkv import split_qkv, split_qkv_naive
 from ._common import query_index
 
 __all__ = ['LinearGlobalAttention', 'linear_attention', 'linear_attention_naive', 'split_heads',
@@ -62,8 +62,15 @@ def _heads_major_into(t: torch.Tensor, out: torch.Tensor, relu: bool) -> torch.T
 def split_heads(qkv: torch.Tensor, num_heads: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(B, N, 3C)`` qkv projection → ``φ(q), φ(k), v``, each ``(B, heads, N, d)`` with heads-major memory.
 
-    Half-precision projections give fp32 results (the precision of the attention core).
+    Half-precision projections give fp32 results (the precision of the attention core). In eager training on
+    float32 / float64 projections one autograd function does the split (see :class:`_SplitHeads`).
     """
+    if torch.jit.is_scripting():
+        return _split_heads_plain(qkv, num_heads)
+    return _split_heads_eager(qkv, num_heads)
+
+
+def _split_heads_plain(qkv: torch.Tensor, num_heads: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     B = qkv.shape[0]
     q, k, v = split_qkv(qkv, num_heads)  # views, heads interleaved
     acc = _accum_dtype(qkv.dtype)
@@ -72,6 +79,54 @@ def split_heads(qkv: torch.Tensor, num_heads: int) -> tuple[torch.Tensor, torch.
     if v.dtype != acc or B > 1:  # with B == 1 the matmul folds (1, heads) into one batch dim without a copy
         v = _heads_major(v, acc, relu=False)
     return q, k, v
+
+
+class _SplitHeads(torch.autograd.Function):
+    """``split_heads`` for training: the forward maps and re-lays out q and k in one pass each (as inference does);
+    the backward writes the gradients of q and k, masked by ``φ > 0`` (ReLU's gradient), and that of v straight
+    into one ``(B, N, 3, heads, d)`` tensor: no separate ReLU-backward pass and no fresh tensor per gradient."""
+
+    @staticmethod
+    def forward(ctx, qkv, num_heads):
+        B, N, C3 = qkv.shape
+        q, k, v = split_qkv_naive(qkv, num_heads)
+        q = _heads_major_into(q, torch.empty(q.shape, dtype=qkv.dtype, device=qkv.device), relu=True)
+        k = _heads_major_into(k, torch.empty(k.shape, dtype=qkv.dtype, device=qkv.device), relu=True)
+        if B > 1:  # as _split_heads_plain: with B == 1 the matmul folds (1, heads) without a copy
+            v = _heads_major_into(v, torch.empty(v.shape, dtype=qkv.dtype, device=qkv.device), relu=False)
+        ctx.save_for_backward(q, k)
+        ctx.shape = (B, N, C3)
+        ctx.num_heads = num_heads
+        return q, k, v
+
+    @staticmethod
+    def backward(ctx, grad_q, grad_k, grad_v):
+        q, k = ctx.saved_tensors
+        B, N, C3 = ctx.shape
+        if torch.is_grad_enabled():  # create_graph (double backward): the same gradient from differentiable ops
+            parts = [torch.zeros_like(q) if g is None else g if phi is None else torch.where(phi > 0, g, 0.)
+                     for g, phi in ((grad_q, q), (grad_k, k), (grad_v, None))]
+            return torch.stack(parts).permute(1, 3, 0, 2, 4).reshape(B, N, C3), None  # 3,B,heads,N,d → B,N,3,heads,d
+        grad = q.new_empty((B, N, 3, ctx.num_heads, C3 // (3 * ctx.num_heads)))
+        slots = grad.permute(2, 0, 3, 1, 4)  # 3, B, heads, N, d: views of grad
+        for slot, g, phi in ((slots[0], grad_q, q), (slots[1], grad_k, k), (slots[2], grad_v, None)):
+            if g is None:
+                slot.zero_()
+            elif phi is None:
+                slot.copy_(g)
+            else:  # ReLU's gradient (autograd's own op for it), written into the strided slot
+                torch.ops.aten.threshold_backward.grad_input(g, phi, 0, grad_input=slot)
+        return grad.view(B, N, C3), None
+
+
+@torch.jit.unused
+def _split_heads_eager(qkv: torch.Tensor, num_heads: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    # unobserved() first: False while FX / dynamo trace (qkv may be a proxy) and with the fast paths off
+    if (unobserved() and torch.is_grad_enabled() and qkv.requires_grad and qkv.dim() == 3
+            and _accum_dtype(qkv.dtype) == qkv.dtype):
+        q, k, v = _SplitHeads.apply(qkv, num_heads)
+        return q, k, v
+    return _split_heads_plain(qkv, num_heads)
 
 
 def _linear_attention(
