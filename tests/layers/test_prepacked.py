@@ -143,3 +143,24 @@ def test_whole_model_float32_matches_plain_route():
             plain = model(x)
     torch.testing.assert_close(fast, plain, rtol=1e-4, atol=1e-5)
     assert any(_packed_rows(m) for m in model.modules())
+
+
+@pytest.mark.parametrize('value', ['0', 'off', 'False'])
+def test_environment_turns_packing_off(monkeypatch, value):
+    model = timm.create_model('test_l2vit', num_classes=4).eval()
+    x = torch.randn(1, 3, 64, 64)
+    with torch.inference_mode():
+        packed_out = model(x)
+    assert any(_packed_rows(m) for m in model.modules())
+    clear_packed_weights(model)
+    monkeypatch.setenv('L2VIT_PACKED_WEIGHTS', value)
+    assert not prepacked.packing_enabled()
+    with torch.inference_mode():
+        plain_out = model(x)
+        layer = model.stages[0].blocks[0].mlp.fc1
+        z = torch.randn(5, layer.in_features)
+        assert torch.equal(linear_inference(layer, z, gelu=True), F.gelu(F.linear(z, layer.weight, layer.bias)))
+    assert not any(_packed_rows(m) for m in model.modules())
+    torch.testing.assert_close(plain_out, packed_out, rtol=0, atol=1e-5)
+    monkeypatch.setenv('L2VIT_PACKED_WEIGHTS', '1')
+    assert prepacked.packing_enabled()

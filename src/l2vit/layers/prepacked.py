@@ -17,10 +17,13 @@ K=1536 random rows, where both are ~1e-4 from float64).
 
 The reordered copies cost one extra copy of the weights they cover while the model lives (they are held in a
 weak-keyed table, not in the module: ``state_dict``, pickling and ``deepcopy`` never see them);
-:func:`clear_packed_weights` drops them, and ``L2ViT.train()`` does so when training starts.
+:func:`clear_packed_weights` drops them, and ``L2ViT.train()`` does so when training starts. Where that memory
+matters more than ~5% of CPU inference time, ``L2VIT_PACKED_WEIGHTS=0`` in the environment turns them off (read on
+every call, so it also works when set after import).
 """
 from __future__ import annotations
 
+import os
 import threading
 import weakref
 
@@ -30,7 +33,7 @@ from torch import nn
 
 from ._fastpath import fast_paths_enabled
 
-__all__ = ['linear_inference', 'clear_packed_weights', 'packing_available']
+__all__ = ['linear_inference', 'clear_packed_weights', 'packing_available', 'packing_enabled']
 
 # Row count the reorder is tuned for (about one chunk of the fast paths); any row count works.
 _ROWS_HINT = 1024
@@ -49,8 +52,14 @@ def packing_available() -> bool:
 _AVAILABLE = packing_available()
 
 
+def packing_enabled() -> bool:
+    """False when ``L2VIT_PACKED_WEIGHTS`` is set to ``0`` (or ``false`` / ``off`` / ``no``): no reordered copies are
+    made and every layer runs ``F.linear``."""
+    return os.environ.get('L2VIT_PACKED_WEIGHTS', '1').strip().lower() not in ('0', 'false', 'off', 'no')
+
+
 def _usable(x: torch.Tensor, weight: torch.Tensor) -> bool:
-    return (_AVAILABLE and fast_paths_enabled()
+    return (_AVAILABLE and fast_paths_enabled() and packing_enabled()
             and x.device.type == 'cpu' and x.dtype == torch.float32 and weight.dtype == torch.float32
             and not torch.is_autocast_enabled('cpu') and not weight.is_inference()
             and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)))
