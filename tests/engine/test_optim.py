@@ -41,6 +41,30 @@ def test_extra_no_weight_decay_patterns_and_layer_decay():
     assert max(scales) == 1.0 and min(scales) < 0.1
 
 
+def test_fused_step_where_torch_has_one():
+    torch.manual_seed(0)
+    model = timm.create_model('test_l2vit', num_classes=3)
+    twin = timm.create_model('test_l2vit', num_classes=3)
+    twin.load_state_dict(model.state_dict())
+    fused = build_optimizer(model, OptimConfig(lr=1e-3))
+    plain = build_optimizer(twin, OptimConfig(lr=1e-3, fused=False))
+    assert all(g['fused'] for g in fused.param_groups) and not any(g['fused'] for g in plain.param_groups)
+    assert [len(g['params']) for g in fused.param_groups] == [len(g['params']) for g in plain.param_groups]
+    for step in range(3):  # the same update rule: parameters agree to float32 rounding
+        for p, q in zip(model.parameters(), twin.parameters()):
+            g = torch.randn_like(p)
+            p.grad, q.grad = g, g.clone()
+        fused.step()
+        plain.step()
+    for (name, p), q in zip(model.named_parameters(), twin.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6, msg=name)
+    assert build_optimizer(model, OptimConfig(opt='sgd')).param_groups[0]['fused']
+    # an optimizer without a fused step: the default one, or a clear error when fused is required
+    assert not build_optimizer(model, OptimConfig(opt='lamb')).param_groups[0].get('fused')
+    with pytest.raises(ValueError, match='no fused step'):
+        build_optimizer(model, OptimConfig(opt='lamb', fused=True))
+
+
 def test_schedule_warms_up_linearly_then_cosine_per_iteration():
     param = torch.nn.Parameter(torch.zeros(1))
     opt = torch.optim.AdamW([param], lr=4e-3)

@@ -100,6 +100,7 @@ class OptimConfig:
     betas: tuple[float, float] | None = None  # None: the optimizer's default (AdamW: 0.9, 0.999 as official)
     eps: float | None = None  # None: the optimizer's default (AdamW: 1e-8 as official)
     momentum: float = 0.9  # SGD-like optimizers only
+    fused: bool | None = None  # torch's fused step (Adam/AdamW/SGD, CPU and CUDA); None: wherever it exists
     decay_temperature: bool = True  # official: the per-head attention temperatures are decayed like weights
     no_weight_decay: list[str] = field(default_factory=list)  # extra name patterns exempt from weight decay
     layer_decay: float | None = None  # layer-wise lr decay (not used by the paper)
