@@ -1,4 +1,5 @@
-"""Training-step throughput of l2vit_tiny (with and without l2vit's CPU kernels) and Swin-T, alternating in one
+"""Training-step throughput of l2vit_tiny (with and without l2vit's CPU kernels and training routes: the depth-wise
+weight gradient, the one-pass q/k/v gradient, the in-place CPE and stem ReLU) and Swin-T, alternating in one
 process, so drift between processes does not enter the ratios. 224², batch 16, forward + backward + AdamW, the
 same workload as `l2vit bench --mode train`.
 
@@ -28,10 +29,10 @@ def main() -> None:
         steps[name] = _step_fn(cfg, *_workload(cfg, torch.device('cpu')))
 
     def without_kernels():
-        with fast_paths(False):  # the depth-wise route stands aside with the other fast paths
+        with fast_paths(False):  # the depth-wise kernel and the training routes stand aside with the fast paths
             return steps['l2vit_tiny']()
 
-    runs = {'l2vit_tiny': steps['l2vit_tiny'], 'l2vit_tiny (no l2vit kernels)': without_kernels,
+    runs = {'l2vit_tiny': steps['l2vit_tiny'], 'l2vit_tiny (fast paths off)': without_kernels,
             'swin_tiny_patch4_window7_224': steps['swin_tiny_patch4_window7_224']}
     # two warm-up rounds (the first builds l2vit's kernels on first use), then rounds in rotating order
     stats = dict(zip(runs, time_interleaved(list(runs.values()), warmup=2, min_reps=args.rounds, min_time=0.0,
