@@ -25,16 +25,19 @@ class ConvPosEnc(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # NHWC -> NCHW is a view with channels_last strides, which the depth-wise conv consumes directly; its output
         # is channels_last too, so the permute back is contiguous NHWC
-        x = x.permute(0, 3, 1, 2)
-        y = self.proj(x)
-        y = x + y if torch.jit.is_scripting() else self._residual(x, y)
-        return y.permute(0, 2, 3, 1)
+        if torch.jit.is_scripting():
+            return x + self.proj(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
+        return self._forward_eager(x)
 
     @torch.jit.unused
-    def _residual(self, x, y):  # unannotated: TorchScript reads Tensor -> Tensor (and never calls it)
+    def _forward_eager(self, x):  # unannotated: TorchScript reads Tensor -> Tensor (and never calls it)
+        x_nchw = x.permute(0, 3, 1, 2)
+        y = self.proj(x_nchw)
         # A conv does not save its output for backward, so adding in place is exact and one tensor less. It is done
         # on the conv's own output, not on the NHWC view of it: an in-place op on a view makes autograd's backward
-        # copy the whole gradient twice (CopySlices).
-        if unobserved(self.proj) and y.dtype == x.dtype and y.shape == x.shape:
-            return y.add_(x)
-        return x + y
+        # copy the whole gradient twice (CopySlices). Traced graphs (unobserved() is False) keep the plain
+        # out-of-place form, so compilers see the same graph as always (inductor would otherwise fuse the add into
+        # the convolution, in its precision).
+        if unobserved(self.proj) and y.dtype == x.dtype and y.shape == x_nchw.shape:
+            return y.add_(x_nchw).permute(0, 2, 3, 1)
+        return x + y.permute(0, 2, 3, 1)
