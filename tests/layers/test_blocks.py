@@ -118,3 +118,16 @@ def test_stem_training_relu_in_place_keeps_gradients_and_running_stats():
     with Record():
         stem(x.clone().requires_grad_())
     assert 'relu_.default' in ops and 'relu.default' not in ops
+
+
+def test_cpe_traced_graph_keeps_the_plain_residual():
+    # compilers and exporters see x + permute(conv(permute(x))) in NHWC, as always: an add on the conv's own output
+    # lets inductor fuse it into a frozen half-precision convolution, in that precision (it flipped a bf16 answer)
+    cpe = ConvPosEnc(8)
+    gm = torch.fx.symbolic_trace(cpe)
+    adds = [n for n in gm.graph.nodes if n.op == 'call_function' and 'add' in getattr(n.target, '__name__', '')]
+    assert len(adds) == 1 and adds[0].target.__name__ == 'add'  # out of place
+    placeholder = next(n for n in gm.graph.nodes if n.op == 'placeholder')
+    assert placeholder in adds[0].args  # the residual is the NHWC input itself
+    x = torch.randn(2, 5, 6, 8)
+    torch.testing.assert_close(gm(x), cpe(x))
