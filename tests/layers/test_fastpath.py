@@ -117,6 +117,32 @@ def test_in_place_activation_respects_hooks_and_autograd():
     assert x.grad is not None and torch.isfinite(x.grad).all()
 
 
+def test_relu_runs_in_place_under_autograd_only_after_layers_that_do_not_save_their_output():
+    from l2vit.layers._fastpath import activation
+    torch.manual_seed(0)
+    x = torch.randn(6, 8, dtype=torch.float64, requires_grad=True)
+    for producer in (torch.nn.Linear(8, 8), torch.nn.Conv2d(8, 8, 1)):
+        producer.double()
+        inp = x if isinstance(producer, torch.nn.Linear) else x.view(6, 8, 1, 1)
+        out = producer(inp)
+        y = activation(torch.nn.ReLU(), out, producer)
+        assert y is out  # in place, although a gradient flows
+        (g,) = torch.autograd.grad((y * y).sum(), x)
+        (g0,) = torch.autograd.grad((torch.relu(producer(inp)) ** 2).sum(), x)
+        torch.testing.assert_close(g, g0, rtol=0, atol=0)
+    # GELU's backward needs its input: out of place under autograd; a layer that may save its output: out of place
+    lin = torch.nn.Linear(8, 8).double()
+    out = lin(x)
+    assert activation(torch.nn.GELU(), out, lin) is not out
+    out = torch.nn.Sigmoid()(x)
+    assert activation(torch.nn.ReLU(), out, torch.nn.Sigmoid()) is not out
+    # a hook on the producer sees its output as returned: out of place
+    handle = lin.register_forward_hook(lambda m, a, o: None)
+    out = lin(x)
+    assert activation(torch.nn.ReLU(), out, lin) is not out
+    handle.remove()
+
+
 def test_folded_stem_and_in_place_lcm_match_plain():
     stem, lcm = ConvStem(3, 16).double(), LocalConcentration(16).double()
     for bn in (stem.bn1, stem.bn2, lcm.bn):

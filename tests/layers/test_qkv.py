@@ -49,6 +49,20 @@ def test_unused_outputs_get_zero_gradient():
     assert torch.equal(qkv.grad, ref.grad)
 
 
+def test_double_backward_matches_unbind():
+    qkv0 = torch.randn(2, 9, 24, dtype=torch.float64)
+    w = torch.randn(2, 9, 24, dtype=torch.float64)
+
+    def grad_of_grad(split):
+        qkv = qkv0.clone().requires_grad_()
+        q, k, v = split(qkv, 2)
+        (g,) = torch.autograd.grad((q * k).sin().sum() + (v ** 3).sum(), qkv, create_graph=True)
+        (gg,) = torch.autograd.grad((g * w).sum(), qkv)
+        return gg
+
+    torch.testing.assert_close(grad_of_grad(split_qkv), grad_of_grad(split_qkv_naive), rtol=1e-12, atol=1e-12)
+
+
 def test_plain_views_where_nothing_is_trained_or_fast_paths_are_off():
     qkv = torch.randn(2, 10, 24)
     assert split_qkv(qkv, 2)[0].grad_fn is None  # no gradient asked for

@@ -4,7 +4,7 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from timm.optim import create_optimizer_v2, param_groups_layer_decay, param_groups_weight_decay
+from timm.optim import create_optimizer_v2, get_optimizer_class, param_groups_layer_decay, param_groups_weight_decay
 from timm.scheduler import create_scheduler_v2
 
 from .config import OptimConfig, SchedConfig
@@ -41,34 +41,30 @@ def build_optimizer(model: torch.nn.Module, cfg: OptimConfig) -> torch.optim.Opt
     tensors); True requires it, False keeps the default implementation.
     """
     patterns = no_weight_decay_patterns(model, cfg)
-
-    def groups() -> Any:
-        if cfg.layer_decay is not None:
-            return param_groups_layer_decay(model, cfg.weight_decay, no_weight_decay_list=patterns,
-                                            layer_decay=cfg.layer_decay)
-        return param_groups_weight_decay(model, cfg.weight_decay, no_weight_decay_list=patterns)
-
+    if cfg.layer_decay is not None:
+        groups: Any = param_groups_layer_decay(model, cfg.weight_decay, no_weight_decay_list=patterns,
+                                               layer_decay=cfg.layer_decay)
+    else:
+        groups = param_groups_weight_decay(model, cfg.weight_decay, no_weight_decay_list=patterns)
     kwargs: dict[str, Any] = {}
     if cfg.betas is not None:
         kwargs['betas'] = tuple(cfg.betas)
     if cfg.eps is not None:
         kwargs['eps'] = cfg.eps
-    optimizer = create_optimizer_v2(groups(), opt=cfg.opt, lr=cfg.lr, weight_decay=cfg.weight_decay,
-                                    momentum=cfg.momentum, **kwargs)
-    if cfg.fused is False:
-        return optimizer
-    params = [p for g in optimizer.param_groups for p in g['params']]
-    fusable = type(optimizer) in FUSED_OPTIMIZERS and all(
-        p.is_floating_point() and p.device.type in _FUSED_DEVICES for p in params)
-    if not fusable:
-        if cfg.fused:
-            raise ValueError(f'optim.fused=True, but {type(optimizer).__name__} (opt={cfg.opt!r}) has no fused step '
-                             f'for these parameters: expected one of '
+    if cfg.fused is not False:
+        opt_class = get_optimizer_class(cfg.opt, bind_defaults=False)  # timm's class for the name (no partial)
+        fusable = (isinstance(opt_class, type) and issubclass(opt_class, FUSED_OPTIMIZERS) and all(
+            p.is_floating_point() and p.device.type in _FUSED_DEVICES
+            for g in groups for p in g['params']))
+        if fusable:
+            kwargs['fused'] = True
+        elif cfg.fused:
+            raise ValueError(f'optim.fused=True, but opt={cfg.opt!r} ({getattr(opt_class, "__name__", opt_class)}) '
+                             f'has no fused step for these parameters: expected one of '
                              f'{[c.__name__ for c in FUSED_OPTIMIZERS]} with floating-point parameters on '
                              f'{" or ".join(_FUSED_DEVICES)}; set optim.fused to null or false')
-        return optimizer
-    return create_optimizer_v2(groups(), opt=cfg.opt, lr=cfg.lr, weight_decay=cfg.weight_decay,
-                               momentum=cfg.momentum, fused=True, **kwargs)
+    return create_optimizer_v2(groups, opt=cfg.opt, lr=cfg.lr, weight_decay=cfg.weight_decay,
+                               momentum=cfg.momentum, **kwargs)
 
 
 def build_scheduler(optimizer: torch.optim.Optimizer, cfg: SchedConfig, epochs: int, updates_per_epoch: int):

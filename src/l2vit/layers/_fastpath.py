@@ -105,11 +105,19 @@ def result_buffer(out: torch.Tensor | None, like: torch.Tensor, dtype: torch.dty
     return torch.empty(like.shape, dtype=dtype, device=like.device)
 
 
+# Layers whose backward does not read their own output: a ReLU right after one may overwrite that output even under
+# autograd, since ReLU's backward reads its result, not its input (as torchvision's ResNets do after BatchNorm).
+_OUTPUT_NOT_SAVED = (nn.BatchNorm2d, nn.SyncBatchNorm, nn.Conv2d, nn.Linear)
+
+
 def activation(act: nn.Module, x: torch.Tensor, producer: nn.Module) -> torch.Tensor:
-    """``act(x)``, computed in place for exact GELU / ReLU when :func:`can_overwrite` allows it (same values)."""
+    """``act(x)`` for ``x`` just returned by ``producer``, computed in place for exact GELU / ReLU when
+    :func:`can_overwrite` allows it, and for ReLU also while training when ``producer`` does not save its output
+    for backward (same values and gradients)."""
     if type(act) is nn.GELU and act.approximate == 'none' and can_overwrite(x, producer):
         return torch.ops.aten.gelu_(x)
-    if type(act) is nn.ReLU and can_overwrite(x, producer):
+    if type(act) is nn.ReLU and (can_overwrite(x, producer)
+                                 or (type(producer) in _OUTPUT_NOT_SAVED and unobserved(producer, act))):
         return F.relu(x, inplace=True)
     return act(x)
 

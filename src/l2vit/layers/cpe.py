@@ -38,6 +38,6 @@ class ConvPosEnc(nn.Module):
         # copy the whole gradient twice (CopySlices). Traced graphs (unobserved() is False) keep the plain
         # out-of-place form, so compilers see the same graph as always (inductor would otherwise fuse the add into
         # the convolution, in its precision).
-        if unobserved(self.proj) and y.dtype == x.dtype and y.shape == x_nchw.shape:
+        if unobserved(self.proj) and y.dtype == x.dtype:
             return y.add_(x_nchw).permute(0, 2, 3, 1)
         return x + y.permute(0, 2, 3, 1)

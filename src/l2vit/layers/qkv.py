@@ -17,7 +17,7 @@ import torch
 
 from ._fastpath import unobserved
 
-__all__ = ['split_qkv', 'split_qkv_naive']
+__all__ = ['split_qkv', 'split_qkv_naive', 'qkv_gradient']
 
 
 def split_qkv_naive(qkv: torch.Tensor, num_heads: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -25,6 +25,29 @@ def split_qkv_naive(qkv: torch.Tensor, num_heads: int) -> tuple[torch.Tensor, to
     B, N = qkv.shape[0], qkv.shape[1]
     q, k, v = qkv.reshape(B, N, 3, num_heads, -1).permute(2, 0, 3, 1, 4).unbind(0)
     return q, k, v
+
+
+def qkv_gradient(shape: torch.Size, num_heads: int, grads: tuple, relu_outputs: tuple = (None, None, None)
+                 ) -> torch.Tensor:
+    """The ``(B, N, 3C)`` gradient of a qkv projection of ``shape`` from the gradients of its q, k and v, each
+    ``(B, heads, N, d)`` (None: zero), written into one new tensor in one pass. Where ``relu_outputs[i]`` is given,
+    the gradient passes ReLU's backward on the way (zero where that output is zero), in the same pass.
+
+    Not differentiable where a ReLU output is given (it writes through ``threshold_backward``'s out variant).
+    """
+    B, N, C3 = shape
+    like = next(g for g in grads if g is not None)  # autograd calls a backward only when one is defined
+    out = like.new_empty((B, N, 3, num_heads, C3 // (3 * num_heads)))
+    slots = out.permute(2, 0, 3, 1, 4)  # 3, B, heads, N, d
+    for i, (g, relu_out) in enumerate(zip(grads, relu_outputs)):
+        slot = slots[i]  # a single view (not unbind's): copy_ into it stays differentiable for double backward
+        if g is None:
+            slot.zero_()
+        elif relu_out is None:
+            slot.copy_(g)
+        else:  # ReLU's gradient (autograd's own op for it), written into the strided slot
+            torch.ops.aten.threshold_backward.grad_input(g, relu_out, 0, grad_input=slot)
+    return out.view(B, N, C3)
 
 
 class _SplitQKV(torch.autograd.Function):
@@ -36,16 +59,7 @@ class _SplitQKV(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_q, grad_k, grad_v):
-        B, N, C3 = ctx.shape
-        grads = (grad_q, grad_k, grad_v)
-        like = next(g for g in grads if g is not None)  # autograd calls backward only when one is defined
-        out = like.new_empty((B, N, 3, ctx.num_heads, C3 // (3 * ctx.num_heads)))
-        for i, g in enumerate(grads):
-            if g is None:  # e.g. v unused: its slot of the gradient is zero
-                out[:, :, i].zero_()
-            else:
-                out[:, :, i].copy_(g.transpose(1, 2))
-        return out.view(B, N, C3), None
+        return qkv_gradient(ctx.shape, ctx.num_heads, (grad_q, grad_k, grad_v)), None
 
 
 def split_qkv(qkv: torch.Tensor, num_heads: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ._fastpath import activation, eager_inference, frozen_bn_affine, unobserved
+from ._fastpath import activation, eager_inference, frozen_bn_affine
 from .padding import pad_nchw_to_multiple
 
 __all__ = ['ConvStem', 'Downsample']
@@ -57,14 +57,9 @@ class ConvStem(nn.Module):
         bn1 = frozen_bn_affine(self.bn1) if fold else None
         bn2 = frozen_bn_affine(self.bn2) if fold else None
         if bn1 is None or bn2 is None:
-            x = self.bn1(self.conv1(x))
-            if type(self.bn1) is nn.BatchNorm2d and type(self.act) is nn.ReLU and unobserved(self.bn1, self.act):
-                # BatchNorm's backward needs its input, not its output: ReLU may overwrite the output even while
-                # training (as in torchvision's ResNets), one stride-2 map (the widest tensor of the model) less
-                x = F.relu(x, inplace=True)
-            else:
-                x = activation(self.act, x, self.bn1)
-            return self.bn2(self.conv2(x))
+            # while training too, the ReLU overwrites BatchNorm's output (see activation): one stride-2 map, the
+            # widest tensor of the model, less
+            return self.bn2(self.conv2(activation(self.act, self.bn1(self.conv1(x)), self.bn1)))
         # inference: each frozen BatchNorm folded into the convolution before it (exact up to rounding), ReLU in
         # place: two passes over the stride-2 and stride-4 maps less, and no fresh tensor for them
         x = _conv_with_affine(self.conv1, x, *bn1)

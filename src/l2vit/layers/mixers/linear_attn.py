@@ -23,7 +23,7 @@ from torch import nn
 from .._fastpath import chunk_rows, eager_inference, grad_free, result_buffer, unobserved
 from .._registry import register_mixer
 from ..prepacked import linear_inference
-from ..qkv import split_qkv, split_qkv_naive
+from ..qkv import qkv_gradient, split_qkv, split_qkv_naive
 from ._common import query_index
 
 __all__ = ['LinearGlobalAttention', 'linear_attention', 'linear_attention_naive', 'split_heads',
@@ -88,35 +88,25 @@ class _SplitHeads(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, qkv, num_heads):
-        B, N, C3 = qkv.shape
+        B = qkv.shape[0]
         q, k, v = split_qkv_naive(qkv, num_heads)
         q = _heads_major_into(q, torch.empty(q.shape, dtype=qkv.dtype, device=qkv.device), relu=True)
         k = _heads_major_into(k, torch.empty(k.shape, dtype=qkv.dtype, device=qkv.device), relu=True)
         if B > 1:  # as _split_heads_plain: with B == 1 the matmul folds (1, heads) without a copy
             v = _heads_major_into(v, torch.empty(v.shape, dtype=qkv.dtype, device=qkv.device), relu=False)
         ctx.save_for_backward(q, k)
-        ctx.shape = (B, N, C3)
+        ctx.shape = qkv.shape
         ctx.num_heads = num_heads
         return q, k, v
 
     @staticmethod
     def backward(ctx, grad_q, grad_k, grad_v):
         q, k = ctx.saved_tensors
-        B, N, C3 = ctx.shape
-        if torch.is_grad_enabled():  # create_graph (double backward): the same gradient from differentiable ops
-            parts = [torch.zeros_like(q) if g is None else g if phi is None else torch.where(phi > 0, g, 0.)
-                     for g, phi in ((grad_q, q), (grad_k, k), (grad_v, None))]
-            return torch.stack(parts).permute(1, 3, 0, 2, 4).reshape(B, N, C3), None  # 3,B,heads,N,d → B,N,3,heads,d
-        grad = q.new_empty((B, N, 3, ctx.num_heads, C3 // (3 * ctx.num_heads)))
-        slots = grad.permute(2, 0, 3, 1, 4)  # 3, B, heads, N, d: views of grad
-        for slot, g, phi in ((slots[0], grad_q, q), (slots[1], grad_k, k), (slots[2], grad_v, None)):
-            if g is None:
-                slot.zero_()
-            elif phi is None:
-                slot.copy_(g)
-            else:  # ReLU's gradient (autograd's own op for it), written into the strided slot
-                torch.ops.aten.threshold_backward.grad_input(g, phi, 0, grad_input=slot)
-        return grad.view(B, N, C3), None
+        grads, relu_outputs = (grad_q, grad_k, grad_v), (q, k, None)
+        if torch.is_grad_enabled():  # create_graph (double backward): ReLU's gradient by a differentiable op first
+            grads = tuple(g if g is None or r is None else torch.where(r > 0, g, 0.) for g, r in zip(grads, relu_outputs))
+            relu_outputs = (None, None, None)
+        return qkv_gradient(ctx.shape, ctx.num_heads, grads, relu_outputs), None
 
 
 @torch.jit.unused
