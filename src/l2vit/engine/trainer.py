@@ -44,6 +44,7 @@ from .config import TrainConfig, config_diff, config_to_dict
 from .distributed import all_gather_objects, cleanup_distributed, init_distributed
 from .evaluate import evaluate
 from .logging import RunRecorder, format_duration, setup_logging
+from .malloc import keep_freed_memory_for_run
 from .optim import build_optimizer, build_scheduler
 from .rng import get_rng_state, seed_everything, set_rng_state
 from .run import StopRequest, broadcast_buffers, prepare_run_dir, run_exit_code
@@ -258,6 +259,7 @@ class Trainer:
         self.file_logger = setup_logging(self.run_dir, self.dist.is_main, 'l2vit.file', console=False)
         if cfg.threads is not None:
             torch.set_num_threads(cfg.threads)
+        self.malloc_note = keep_freed_memory_for_run(cfg.keep_freed_memory, self.device)  # the whole process
         if cfg.deterministic:
             torch.use_deterministic_algorithms(True, warn_only=True)
             torch.backends.cudnn.benchmark = False
@@ -464,6 +466,8 @@ class Trainer:
                          f'{cfg.optim.update_freq}), device {self.device}, amp {cfg.amp}; run dir {self.run_dir}')
         if self.finetune_note:
             self.logger.info(self.finetune_note)
+        if self.malloc_note:
+            self.logger.info(self.malloc_note)
         if self.resume_ckpt is not None:
             self.logger.info(f'resumed from {self.resume_ckpt.path}: epoch {p.epoch + 1}, step {p.epoch_updates}, '
                              f'global step {p.num_updates}')

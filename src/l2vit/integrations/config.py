@@ -54,6 +54,7 @@ class RunSection:
     tensorboard: bool = False
     draw: int = 4  # validation images drawn as PNG at each evaluation (0: none)
     find_unused_parameters: bool = False  # DDP option for models with branches unused in some steps
+    keep_freed_memory: bool = True  # CPU runs on glibc: reuse large freed blocks (faster steps, more resident memory)
 
 
 @dataclass

@@ -40,6 +40,7 @@ from ..engine.checkpoint import (
 from ..engine.config import config_diff
 from ..engine.distributed import all_gather_objects, cleanup_distributed, init_distributed
 from ..engine.logging import RunRecorder, format_duration, setup_logging
+from ..engine.malloc import keep_freed_memory_for_run
 from ..engine.rng import get_rng_state, seed_everything, set_rng_state
 from ..engine.run import StopRequest, broadcast_buffers, prepare_run_dir, run_exit_code
 from ..engine.train import NonFiniteLossError, StepSync
@@ -171,6 +172,7 @@ class DenseTrainer(ABC):
         self.logger = setup_logging(self.run_dir, self.dist.is_main)
         if cfg.threads is not None:
             torch.set_num_threads(cfg.threads)
+        self.malloc_note = keep_freed_memory_for_run(cfg.run.keep_freed_memory, self.device)  # the whole process
         seed_everything(cfg.seed)
         self.resume_ckpt = self._find_resume()
         self.build_data()
@@ -311,6 +313,8 @@ class DenseTrainer(ABC):
         self.logger.info(f'{self.total_iters} iterations ({self.iters_per_data_epoch} per data epoch), global batch '
                          f'{cfg.batch_size * self.dist.world_size} ({self.dist.world_size} process(es) x '
                          f'{cfg.batch_size}), device {self.device}, amp {cfg.amp}; run dir {self.run_dir}')
+        if self.malloc_note:
+            self.logger.info(self.malloc_note)
         if self.resume_ckpt is not None:
             self.logger.info(f'resumed from {self.resume_ckpt.path} at iteration {self.iter}')
             self.recorder.event('resume', path=str(self.resume_ckpt.path), iter=self.iter)
