@@ -1,6 +1,7 @@
 """The benchmark tooling: timing statistics, peak memory, the runner, results files, plots and targets."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import subprocess
@@ -113,6 +114,24 @@ def test_sweep_in_a_fresh_process_with_costs():
         assert row['mem_method'] == 'rss_hwm' and row['peak_mib'] > 0
 
 
+@pytest.mark.skipif(sys.platform != 'linux', reason='glibc allocator setting')
+def test_sweep_keeps_freed_memory_in_the_worker_when_asked(monkeypatch):
+    """``keep_freed_memory`` is made in the configuration's own process; where the environment already configures
+    glibc's allocator, the row says it could not be made instead of timing something else."""
+    cfg = BenchConfig('test_l2vit', 64, 64, warmup=0, min_reps=1, min_time=0.0, threads=1, memory=False,
+                      keep_freed_memory=True)
+    for name in ('MALLOC_MMAP_THRESHOLD_', 'MALLOC_TRIM_THRESHOLD_', 'MALLOC_TOP_PAD_', 'GLIBC_TUNABLES'):
+        monkeypatch.delenv(name, raising=False)
+    (row,) = run_sweep([cfg], isolate=True, timeout=120)
+    assert row['status'] == 'ok' and row['keep_freed_memory'] is True, row['error']
+    monkeypatch.setenv('MALLOC_TRIM_THRESHOLD_', '1000000')
+    (row,) = run_sweep([cfg], isolate=True, timeout=120)
+    assert row['status'] == 'unsupported' and 'MALLOC_TRIM_THRESHOLD_' in row['error']
+    # a paired group shares the setting: both members say why
+    pair = [dataclasses.replace(cfg, paired=True), dataclasses.replace(cfg, paired=True, global_mixer='softmax')]
+    assert [r['status'] for r in run_sweep(pair, isolate=True, timeout=120)] == ['unsupported'] * 2
+
+
 _PAIRED = dict(warmup=0, min_reps=3, min_time=0.0, threads=1, memory=False, paired=True)
 
 
@@ -194,6 +213,11 @@ def test_targets_from_rows():
     assert [t.passed for t in targets] == [True, False, True, True, True, False, True, None]
     text = format_targets(targets)
     assert '**missed**' in text and 'not measured' in text and '150 of 200 GFLOP/s' in text
+    # a row with freed memory kept is shown beside the GEMM share, never judged in place of the default one
+    kept = dict(row('l2vit_tiny', 224, 16, 40, gflops=180), keep_freed_memory=True)
+    again = evaluate_targets(rows + [kept], {'gemm_gflops': {'fp32': 200.0}})
+    assert [t.value for t in again] == [t.value for t in targets]
+    assert again[2].detail == '150 of 200 GFLOP/s; with freed memory kept for reuse: 0.900'
 
 
 def test_speed_targets_prefer_paired_rows():
@@ -313,6 +337,15 @@ def test_cli_paired_sweeps(tmp_path):
     assert [(c.paired, c.memory) for c in configs] == [(False, True)] * 2 + [(True, False)] * 2
     with pytest.raises(ValueError, match='--paired does not apply to --mixers'):
         _settings(build_parser().parse_args(['bench', '--mixers', 'linear', '--paired']))
+
+
+def test_cli_keep_freed_memory_flag_and_suite_key(tmp_path):
+    args = build_parser().parse_args(['bench', '--models', 'a', '--sizes', '64', '--keep-freed-memory'])
+    assert [c.keep_freed_memory for c in _configs(*_settings(args))] == [True]
+    suite = tmp_path / 's.yaml'
+    suite.write_text('models: [a]\nsizes: [64]\nsweeps:\n  - {}\n  - keep_freed_memory: true\n')
+    configs = list(_configs(*_settings(build_parser().parse_args(['bench', '--suite', str(suite)]))))
+    assert [c.keep_freed_memory for c in configs] == [False, True]
 
 
 def test_cli_reports_bad_input(capsys):

@@ -22,7 +22,7 @@ __all__ = ['write_results', 'read_results', 'fit_slope', 'plot_scaling', 'markdo
 
 COLUMNS = (
     'model', 'height', 'width', 'pixels', 'batch', 'mode', 'dtype', 'cast', 'device', 'threads', 'compile', 'freeze',
-    'channels_last', 'paired', 'status', 'time_ms', 'time_q25_ms', 'time_q75_ms', 'time_min_ms', 'time_max_ms', 'reps',
+    'channels_last', 'paired', 'keep_freed_memory', 'status', 'time_ms', 'time_q25_ms', 'time_q75_ms', 'time_min_ms', 'time_max_ms', 'reps',
     'img_per_s', 'peak_mib', 'baseline_mib', 'mem_method', 'gmacs', 'params_m', 'gflops', 'wall_s', 'error',
 )
 
@@ -82,15 +82,16 @@ def fit_slope(xs: Sequence[float], ys: Sequence[float]) -> float | None:
 def _group_key(row: dict[str, Any]) -> tuple:
     compiled = ('frozen' if row.get('freeze') else 'compiled') if row.get('compile') else ''
     return (row['mode'], row['dtype'], row.get('cast', 'none'), row['batch'], row['device'], compiled,
-            bool(row.get('channels_last')), bool(row.get('paired')))
+            bool(row.get('channels_last')), bool(row.get('paired')), bool(row.get('keep_freed_memory')))
 
 
 def _group_title(key: tuple) -> str:
-    mode, dtype, cast, batch, device, compiled, cl, paired = key
+    mode, dtype, cast, batch, device, compiled, cl, paired, kept = key
     prec = dtype if dtype == 'fp32' else f'{dtype} ({cast})'
     extra = {'': '', 'compiled': ', compiled', 'frozen': ', compiled with frozen weights'}[compiled]
     extra += ', channels-last' if cl else ''
     extra += ', models alternating in one process' if paired else ''
+    extra += ', freed memory kept for reuse' if kept else ''
     return f'{"inference" if mode == "infer" else "training step"}, {prec}, batch {batch}, {device}{extra}'
 
 
@@ -136,7 +137,7 @@ def plot_scaling(
         groups[_group_key(r)].append(r)
     paths = []
     for key, group in groups.items():
-        if len({r['pixels'] for r in group}) < 2 or key[-1]:
+        if len({r['pixels'] for r in group}) < 2 or key[7]:
             continue  # one size: nothing to scale; paired rows are timed for their ratios, pair by pair
         lines = list(dict.fromkeys(name_of(r) for r in group))
         many = len(lines) > 10  # past the colour cycle: vary the line style too, shrink the legend
@@ -174,9 +175,9 @@ def plot_scaling(
         device = (environment or {}).get('device_name', key[4])
         fig.suptitle(f'{title + ": " if title else ""}{_group_title(key)} — {device}', fontsize=10)
         fig.tight_layout()
-        mode, dtype, cast, batch, dev, compiled, cl, paired = key
+        mode, dtype, cast, batch, dev, compiled, cl, paired, kept = key
         name = f'{prefix}_{mode}_{dtype}{"" if dtype == "fp32" else "_" + cast}_b{batch}_{dev.replace(":", "")}'
-        name += (f'_{compiled}' if compiled else '') + ('_cl' if cl else '') + ('_paired' if paired else '') + '.png'
+        name += (f'_{compiled}' if compiled else '') + ('_cl' if cl else '') + ('_paired' if paired else '') + ('_kept' if kept else '') + '.png'
         path = Path(out_dir) / name
         path.parent.mkdir(parents=True, exist_ok=True)
         buf = io.BytesIO()

@@ -76,6 +76,10 @@ class BenchConfig:
         heads: For ``kind='mixer'``: attention heads (default 2).
         paired: Time this configuration in one process with the others of the sweep that differ from it only in
             ``model`` / ``global_mixer``, alternating call by call (see :func:`run_sweep`); needs ``memory=False``.
+        keep_freed_memory: Run with glibc keeping large freed blocks for reuse
+            (:func:`l2vit.engine.malloc.keep_freed_memory`, what l2vit's train / eval / predict commands do on CPU):
+            a setting of the whole process, so give it to isolated configurations; a row that asks for it where it
+            cannot be made (not glibc, or the environment configures the allocator) is recorded as unsupported.
     """
     model: str
     height: int
@@ -99,6 +103,7 @@ class BenchConfig:
     dim: int | None = None
     heads: int | None = None
     paired: bool = False
+    keep_freed_memory: bool = False
 
     def __post_init__(self):
         if self.kind not in KINDS:
@@ -308,6 +313,15 @@ def _timed(row: dict[str, Any], cfg: BenchConfig, stats) -> dict[str, Any]:
     }
 
 
+def _allocator(cfg: BenchConfig) -> None:
+    """Make the process-wide allocator setting ``cfg`` asks for, or raise :class:`Unsupported` saying why not."""
+    if cfg.keep_freed_memory:
+        from ..engine.malloc import keep_freed_memory
+        applied, why = keep_freed_memory()
+        if not applied:
+            raise Unsupported(f'keep_freed_memory: {why}')
+
+
 def run_config(cfg: BenchConfig) -> dict[str, Any]:
     """Run one configuration in this process and return its result row (status ``'ok'`` or why not)."""
     from .memory import measure_peak_memory
@@ -318,6 +332,7 @@ def run_config(cfg: BenchConfig) -> dict[str, Any]:
     row['threads'] = torch.get_num_threads()
     device = torch.device(cfg.device)
     try:
+        _allocator(cfg)
         fn = _prepare(cfg, device)
         if cfg.memory:
             try:
@@ -349,6 +364,10 @@ def run_group(cfgs: list[BenchConfig]) -> list[dict[str, Any]]:
     device = torch.device(first.device)
     rows: list[dict[str, Any]] = [{'status': STATUS_OK, 'error': '', 'threads': torch.get_num_threads()}
                                   for _ in cfgs]
+    try:
+        _allocator(first)  # the group shares it: the pair key includes it
+    except Unsupported as e:
+        return [_failed(row, e, device) for row in rows]
     fns, live = [], []
     for i, cfg in enumerate(cfgs):
         try:

@@ -40,7 +40,7 @@ DEFAULT_SIZES = ('224', '384', '512', '768', '1024')
 DEFAULT_TOKENS = ('14', '28', '56', '112', '256')
 DEFAULT_BACKBONE_SIZES = ('224', '448', '896')
 _SWEEP_KEYS = ('models', 'sizes', 'batch_sizes', 'modes', 'dtypes', 'casts', 'compile', 'freeze', 'paired', 'warmup',
-               'min_reps', 'min_time', 'max_time')
+               'min_reps', 'min_time', 'max_time', 'keep_freed_memory')
 _MIXER_KEYS = ('mixers', 'mixer_dim', 'mixer_heads', 'tokens', 'backbone', 'backbone_sizes')
 
 
@@ -50,7 +50,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument('--suite', default=None, metavar='YAML',
                    help='a suite file: its settings replace the defaults, and its "sweeps" list runs one sweep per '
                         'entry (keys: models, sizes, batch_sizes, modes, dtypes, casts, compile, freeze, paired, '
-                        'warmup, min_reps, min_time, max_time)')
+                        'warmup, min_reps, min_time, max_time, keep_freed_memory)')
     p.add_argument('--models', nargs='+', default=None, help=f'timm model names (default: {" ".join(DEFAULT_MODELS)})')
     p.add_argument('--sizes', nargs='+', default=None, metavar='S|HxW',
                    help=f'input sizes, square (512) or HxW (512x1024) (default: {" ".join(DEFAULT_SIZES)})')
@@ -73,6 +73,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help='time the models of each configuration in one process, alternating call by call, so drift '
                         'between processes does not enter their ratios (no peak memory: the models share the '
                         'process)')
+    p.add_argument('--keep-freed-memory', action='store_true', default=None,
+                   help='run every configuration with glibc keeping large freed blocks for reuse, as l2vit\'s own '
+                        'train / eval / predict commands do on CPU (l2vit.engine.malloc); default: glibc\'s settings')
     p.add_argument('--channels-last', action='store_true', default=None,
                    help='put every model and input in channels-last memory format')
     p.add_argument('--warmup', type=int, default=None, help='untimed calls before timing (default: 2)')
@@ -150,7 +153,7 @@ def _settings(args: argparse.Namespace) -> tuple[dict[str, Any], list[dict[str, 
     settings: dict[str, Any] = dict(
         models=list(DEFAULT_MODELS), sizes=list(DEFAULT_SIZES), batch_sizes=[1], modes=['infer'], dtypes=['fp32'],
         casts=['autocast'], device='cuda' if torch.cuda.is_available() else 'cpu', threads=None, compile=False,
-        freeze=False, paired=False, channels_last=False, warmup=2, min_reps=5, min_time=2.0, max_time=60.0,
+        freeze=False, paired=False, keep_freed_memory=False, channels_last=False, warmup=2, min_reps=5, min_time=2.0, max_time=60.0,
         timeout=900.0,
         memory=True, gemm=True, check_precision=None, checkpoint=None, plot=True, out='bench-results',
         memory_limit=None, mixers=None, mixer_dim=64, mixer_heads=2, tokens=list(DEFAULT_TOKENS), backbone='l2vit_tiny',
@@ -200,7 +203,8 @@ def _configs(settings: dict[str, Any], sweeps: list[dict[str, Any]]):
                     freeze=bool(sweep['freeze'] and mode == 'infer'),
                     channels_last=settings['channels_last'], warmup=sweep['warmup'], min_reps=sweep['min_reps'],
                     min_time=sweep['min_time'], max_time=sweep['max_time'],
-                    memory=bool(settings['memory'] and not sweep['paired']), paired=bool(sweep['paired']))
+                    memory=bool(settings['memory'] and not sweep['paired']), paired=bool(sweep['paired']),
+                    keep_freed_memory=bool(sweep['keep_freed_memory']))
                 if cfg not in seen:
                     seen.add(cfg)
                     yield cfg

@@ -37,6 +37,9 @@ def add_common_arguments(p: argparse.ArgumentParser) -> None:
                    help='run the model compiled with its weights frozen (l2vit.export.compile_for_inference): the '
                         'first batch compiles (about half a minute for l2vit_tiny on 2 cores), later ones run faster; '
                         'on CPU the fastest way with --amp bf16')
+    p.add_argument('--no-keep-freed-memory', dest='keep_freed_memory', action='store_false',
+                   help="keep glibc's default allocator settings on CPU (by default large freed blocks are kept for "
+                        'reuse: faster batches, more resident memory; see l2vit.engine.malloc)')
     p.add_argument('--json', action='store_true', help='print JSON instead of text')
 
 
@@ -68,9 +71,11 @@ def load_for_inference(args: argparse.Namespace, device=None):
 
     from ..data import eval_crop
     from ..engine.distributed import resolve_device
+    from ..engine.malloc import keep_freed_memory_for_run
     from ..engine.weights import build_inference_model
 
     device = device or resolve_device(args.device)
+    keep_freed_memory_for_run(args.keep_freed_memory, device)  # CPU: for the rest of this process
     im = build_inference_model(args.checkpoint, args.model, use_ema=args.use_ema)
     im.model.to(device)
     data_cfg = dict(im.data_config)
