@@ -7,6 +7,7 @@ import pytest
 import timm
 import torch
 import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from l2vit.layers import clear_packed_weights, fast_paths, linear_inference, prepacked
 
@@ -164,3 +165,70 @@ def test_environment_turns_packing_off(monkeypatch, value):
     torch.testing.assert_close(plain_out, packed_out, rtol=0, atol=1e-5)
     monkeypatch.setenv('L2VIT_PACKED_WEIGHTS', '1')
     assert prepacked.packing_enabled()
+
+
+class _RecordOps(TorchDispatchMode):
+    """The aten / mkldnn ops a block of code runs, with their string arguments (the post-op names)."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.calls.append((func.name(), tuple(a for a in args if isinstance(a, str))))
+        return func(*args, **(kwargs or {}))
+
+
+def _gelu_route(layer, x):
+    with torch.inference_mode(), _RecordOps() as ops:
+        out = linear_inference(layer, x, gelu=True)
+    names = [name for name, _ in ops.calls]
+    fused = [attrs for name, attrs in ops.calls if name == 'mkldnn::_linear_pointwise' and 'gelu' in attrs]
+    return out, bool(fused), 'aten::gelu_' in names
+
+
+@pytest.mark.parametrize('value, fused', [('1', True), ('on', True), ('0', False), ('False', False)])
+def test_gelu_fusion_follows_the_environment(monkeypatch, value, fused):
+    monkeypatch.setenv('L2VIT_FUSED_GELU', value)
+    assert prepacked.gelu_fused() is fused
+    layer = torch.nn.Linear(48, 160)
+    x = torch.randn(3, 11, 48)
+    out, ran_fused, ran_separate = _gelu_route(layer, x)
+    assert (ran_fused, ran_separate) == (fused, not fused)
+    _close(out, F.gelu(F.linear(x, layer.weight, layer.bias)))
+    assert _packed_rows(layer) == {(0, 160)}  # both forms use the reordered weight
+
+
+def test_gelu_fusion_is_measured_once_without_touching_the_random_stream(monkeypatch):
+    monkeypatch.delenv('L2VIT_FUSED_GELU', raising=False)
+    monkeypatch.setattr(prepacked, '_gelu_fused', None)
+    calls = []
+    measure = prepacked._time_gelu_forms
+    monkeypatch.setattr(prepacked, '_time_gelu_forms', lambda: calls.append(1) or measure())
+    state = torch.get_rng_state()
+    choice = prepacked.gelu_fused()
+    assert isinstance(choice, bool) and calls == [1]
+    assert torch.equal(torch.get_rng_state(), state)
+    assert prepacked.gelu_fused() is choice and calls == [1]  # kept for the process
+    layer = torch.nn.Linear(32, 64)
+    x = torch.randn(9, 32)
+    out, ran_fused, ran_separate = _gelu_route(layer, x)
+    assert (ran_fused, ran_separate) == (choice, not choice)
+    _close(out, F.gelu(F.linear(x, layer.weight, layer.bias)))
+
+
+def test_gelu_forms_agree(monkeypatch):
+    layer = torch.nn.Linear(96, 384)
+    x = torch.randn(300, 96) * 3
+    outs = []
+    for value in ('1', '0'):
+        monkeypatch.setenv('L2VIT_FUSED_GELU', value)
+        outs.append(_gelu_route(layer, x)[0])
+    # oneDNN's GELU post-op and PyTorch's GELU: the same exact-erf GELU, up to last-bit rounding
+    torch.testing.assert_close(outs[0], outs[1], rtol=1e-6, atol=1e-6)
+
+
+def test_bad_gelu_fusion_setting_is_refused(monkeypatch):
+    monkeypatch.setenv('L2VIT_FUSED_GELU', 'maybe')
+    with pytest.raises(ValueError, match="L2VIT_FUSED_GELU must be 1 or 0.*'maybe'"):
+        prepacked.gelu_fused()

@@ -52,5 +52,9 @@ def environment(device: str = 'cpu', threads: int | None = None) -> dict[str, An
         env['cuda'] = torch.version.cuda
         env['cudnn'] = torch.backends.cudnn.version()
     else:
+        from ..layers import prepacked
         env['mkldnn'] = torch.backends.mkldnn.is_available()
+        env['cpu_capability'] = torch.backends.cpu.get_cpu_capability()  # AVX2 / AVX512: kernels differ
+        if prepacked.packing_available():
+            env['fused_gelu'] = prepacked.gelu_fused()  # this process's choice (each configuration makes its own)
     return env
