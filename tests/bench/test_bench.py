@@ -257,6 +257,11 @@ def test_bf16_target_compares_the_fastest_paths():
     eager = [_b16(20, 'fp32', 'none'), _b16(40), _b16(42, cast='model')]
     t, _ = _bf16_targets(eager)
     assert t.value == pytest.approx(2.1) and not t.passed and t.detail == 'bf16 model ÷ fp32'
+    # a CPU without oneDNN bf16 kernels is named next to the figure (it is still judged)
+    t, _ = _bf16_targets(eager, {'cpu_bf16': 'none'})
+    assert t.value == pytest.approx(2.1) and t.detail.endswith('; this CPU has no bf16 matrix kernels in oneDNN '
+                                                               '(cpu_bf16: none)')
+    assert _bf16_targets(eager, {'cpu_bf16': 'amx'})[0].detail == 'bf16 model ÷ fp32'
     # a frozen compiled bf16 model is an inference path too; a slower compiled fp32 row does not lower the baseline
     frozen = _b16(56, cast='model', compile=True, freeze=True)
     t, _ = _bf16_targets(eager + [frozen, _b16(18, 'fp32', 'none', compile=True, freeze=True)])
@@ -366,3 +371,47 @@ def test_cli_end_to_end(tmp_path):
     assert (out / 'results.md').read_text().startswith('# Benchmark')
     assert len(list(out.glob('scaling_*.png'))) == 1
     assert all(math.isfinite(r['time_ms']) for r in rows)
+
+
+def test_environment_header_names_the_cpu_kernels():
+    from l2vit.bench.env import cpu_bf16, environment
+    from l2vit.layers import prepacked
+    env = environment('cpu', threads=2)
+    assert env['threads'] == 2 and env['device'] == 'cpu' and env['mkldnn'] == torch.backends.mkldnn.is_available()
+    assert env['cpu_capability'] == torch.backends.cpu.get_cpu_capability()
+    assert env['cpu_bf16'] == cpu_bf16() and env['cpu_bf16'] in ('amx', 'avx512', 'none')
+    if prepacked.packing_available():
+        assert env['fused_gelu'] is prepacked.gelu_fused()
+        assert env['packed_weights'] is prepacked.packing_enabled()
+
+
+def test_missing_half_kernels_names_the_cpu(monkeypatch):
+    from l2vit.bench import env as bench_env
+    assert bench_env.missing_half_kernels('fp32') is None
+    assert bench_env.missing_half_kernels('bf16', 'cuda') is None
+    monkeypatch.setattr(torch.ops.mkldnn, '_is_mkldnn_bf16_supported', lambda: False)
+    reason = bench_env.missing_half_kernels('bf16')
+    assert reason.startswith(f'no bf16 kernels for this CPU ({torch.backends.cpu.get_cpu_capability()})')
+    assert '--slow-half-precision' in reason
+    if torch.backends.mkldnn.is_available():
+        monkeypatch.setattr(torch.ops.mkldnn, '_is_mkldnn_bf16_supported', lambda: True)
+        assert bench_env.missing_half_kernels('bf16') is None
+
+
+def test_cli_records_half_precision_without_kernels_as_skipped(tmp_path, monkeypatch):
+    from l2vit.bench import env as bench_env
+    why = 'no bf16 kernels for this CPU (TEST) in oneDNN'
+    monkeypatch.setattr(bench_env, 'missing_half_kernels', lambda dtype, device='cpu': why if dtype == 'bf16' else None)
+    args = ['bench', '--models', 'test_l2vit', '--sizes', '32', '--dtypes', 'fp32', 'bf16', '--check-precision',
+            '--min-reps', '1', '--min-time', '0', '--warmup', '0', '--threads', '1', '--no-plot',
+            '--no-memory', '--out', str(tmp_path)]
+    assert main(args) == 0
+    env, rows = read_results(tmp_path)
+    assert [(r['dtype'], r['status']) for r in rows] == [('fp32', 'ok'), ('bf16', 'skipped')]
+    assert env['gemm_gflops']['fp32'] > 0 and env['gemm_gflops']['bf16'] is None  # not measured either
+    assert rows[1]['error'] == why and env['precision_skipped'] == why and 'precision' not in env
+    settings, _ = _settings(build_parser().parse_args(args + ['--slow-half-precision']))
+    from l2vit.cli.bench import _half_guard
+    cfg = BenchConfig(model='test_l2vit', height=32, width=32, dtype='bf16', cast='autocast')
+    assert _half_guard(settings)(cfg, []) is None
+    assert _half_guard(_settings(build_parser().parse_args(args))[0])(cfg, []) == why

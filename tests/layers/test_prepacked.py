@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import copy
+import time
 
 import pytest
 import timm
@@ -12,6 +13,12 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from l2vit.layers import clear_packed_weights, fast_paths, linear_inference, prepacked
 
 pytestmark = pytest.mark.skipif(not prepacked.packing_available(), reason='PyTorch built without oneDNN')
+
+
+@pytest.fixture(autouse=True)
+def _reordered_route(monkeypatch):
+    # these tests are about the reordered route: fix it on, whichever route this CPU measured faster
+    monkeypatch.setenv('L2VIT_PACKED_WEIGHTS', '1')
 
 
 def _close(a, b):
@@ -199,22 +206,51 @@ def test_gelu_fusion_follows_the_environment(monkeypatch, value, fused):
     assert _packed_rows(layer) == {(0, 160)}  # both forms use the reordered weight
 
 
-def test_gelu_fusion_is_measured_once_without_touching_the_random_stream(monkeypatch):
+def test_routes_are_measured_once_without_touching_the_random_stream(monkeypatch):
     monkeypatch.delenv('L2VIT_FUSED_GELU', raising=False)
-    monkeypatch.setattr(prepacked, '_gelu_fused', None)
+    monkeypatch.delenv('L2VIT_PACKED_WEIGHTS', raising=False)
+    monkeypatch.setattr(prepacked, '_choice', None)
     calls = []
-    measure = prepacked._time_gelu_forms
-    monkeypatch.setattr(prepacked, '_time_gelu_forms', lambda: calls.append(1) or measure())
+    measure = prepacked._time_routes
+    monkeypatch.setattr(prepacked, '_time_routes', lambda: calls.append(1) or measure())
     state = torch.get_rng_state()
-    choice = prepacked.gelu_fused()
-    assert isinstance(choice, bool) and calls == [1]
-    assert torch.equal(torch.get_rng_state(), state)
-    assert prepacked.gelu_fused() is choice and calls == [1]  # kept for the process
+    choice = prepacked.route_choice()
+    assert set(choice) == {'packed', 'fused_gelu'} and all(isinstance(v, bool) for v in choice.values())
+    assert calls == [1] and torch.equal(torch.get_rng_state(), state)
+    assert prepacked.packing_enabled() is choice['packed'] and prepacked.gelu_fused() is choice['fused_gelu']
+    assert calls == [1]  # kept for the process
     layer = torch.nn.Linear(32, 64)
     x = torch.randn(9, 32)
     out, ran_fused, ran_separate = _gelu_route(layer, x)
-    assert (ran_fused, ran_separate) == (choice, not choice)
+    if choice['packed']:
+        assert (ran_fused, ran_separate) == (choice['fused_gelu'], not choice['fused_gelu'])
+        assert _packed_rows(layer) == {(0, 64)}
+    else:  # F.linear, then the in-place GELU; no reordered copy
+        assert (ran_fused, ran_separate) == (False, True) and not _packed_rows(layer)
     _close(out, F.gelu(F.linear(x, layer.weight, layer.bias)))
+
+
+@pytest.mark.parametrize('fast', ['packed', 'plain'])
+def test_measured_choice_follows_the_faster_form(monkeypatch, fast):
+    monkeypatch.delenv('L2VIT_PACKED_WEIGHTS', raising=False)
+    monkeypatch.setattr(prepacked, '_choice', None)
+    real = time.perf_counter
+    slow = F.linear if fast == 'packed' else torch.ops.mkldnn._linear_pointwise
+    clock = [0.0]
+
+    def fake_clock():  # real time, plus 10 ms for every call of the slow form so far
+        return real() + clock[0]
+
+    def slowed(*args, **kwargs):
+        clock[0] += 0.01
+        return slow(*args, **kwargs)
+    monkeypatch.setattr(prepacked.time, 'perf_counter', fake_clock)
+    if fast == 'packed':
+        monkeypatch.setattr(prepacked.F, 'linear', slowed)
+    else:
+        monkeypatch.setattr(torch.ops.mkldnn, '_linear_pointwise', slowed)
+    assert prepacked.route_choice()['packed'] is (fast == 'packed')
+    assert prepacked.packing_enabled() is (fast == 'packed')
 
 
 def test_gelu_forms_agree(monkeypatch):
@@ -228,7 +264,8 @@ def test_gelu_forms_agree(monkeypatch):
     torch.testing.assert_close(outs[0], outs[1], rtol=1e-6, atol=1e-6)
 
 
-def test_bad_gelu_fusion_setting_is_refused(monkeypatch):
-    monkeypatch.setenv('L2VIT_FUSED_GELU', 'maybe')
-    with pytest.raises(ValueError, match="L2VIT_FUSED_GELU must be 1 or 0.*'maybe'"):
-        prepacked.gelu_fused()
+@pytest.mark.parametrize('name', ['L2VIT_FUSED_GELU', 'L2VIT_PACKED_WEIGHTS'])
+def test_bad_route_settings_are_refused(monkeypatch, name):
+    monkeypatch.setenv(name, 'maybe')
+    with pytest.raises(ValueError, match=f"{name} must be 1 or 0.*'maybe'"):
+        prepacked.gelu_fused() if name == 'L2VIT_FUSED_GELU' else prepacked.packing_enabled()

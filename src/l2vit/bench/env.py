@@ -8,7 +8,7 @@ from typing import Any
 
 import torch
 
-__all__ = ['environment', 'cpu_name', 'device_name']
+__all__ = ['environment', 'cpu_name', 'device_name', 'cpu_bf16', 'missing_half_kernels']
 
 
 def cpu_name() -> str:
@@ -21,6 +21,31 @@ def cpu_name() -> str:
     except OSError:
         pass
     return platform.processor() or platform.machine()
+
+
+def cpu_bf16() -> str:
+    """How this CPU multiplies bf16 matrices in oneDNN: ``'amx'`` (tile units), ``'avx512'`` (AVX-512 instructions,
+    native bf16 dot products where the CPU has AVX512_BF16) or ``'none'`` (oneDNN has no bf16 kernels for it: bf16
+    work is converted and computed in fp32, so bf16 runs slower than fp32)."""
+    if not torch.backends.mkldnn.is_available() or not torch.ops.mkldnn._is_mkldnn_bf16_supported():
+        return 'none'
+    return 'amx' if torch.cpu._is_amx_tile_supported() else 'avx512'
+
+
+def missing_half_kernels(dtype: str, device: str = 'cpu') -> str | None:
+    """Why ``dtype`` (``'bf16'`` / ``'fp16'``) would crawl on ``device``, or None: on a CPU for which oneDNN has no
+    kernels of that precision, PyTorch falls back to generic loops (bf16 matrix multiplies at ~1 GFLOP/s on an AVX2
+    EPYC against 174 in fp32), so one batch-16 forward takes minutes and says nothing about the model."""
+    if torch.device(device).type != 'cpu' or dtype not in ('bf16', 'fp16'):
+        return None
+    if dtype == 'bf16':
+        supported = torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    else:
+        supported = torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_fp16_supported()
+    if supported:
+        return None
+    return (f'no {dtype} kernels for this CPU ({torch.backends.cpu.get_cpu_capability()}) in oneDNN: {dtype} runs as '
+            f'a slow generic fallback (--slow-half-precision times it anyway)')
 
 
 def device_name(device: str) -> str:
@@ -55,6 +80,8 @@ def environment(device: str = 'cpu', threads: int | None = None) -> dict[str, An
         from ..layers import prepacked
         env['mkldnn'] = torch.backends.mkldnn.is_available()
         env['cpu_capability'] = torch.backends.cpu.get_cpu_capability()  # AVX2 / AVX512: kernels differ
-        if prepacked.packing_available():
-            env['fused_gelu'] = prepacked.gelu_fused()  # this process's choice (each configuration makes its own)
+        env['cpu_bf16'] = cpu_bf16()
+        if prepacked.packing_available():  # this process's choices (each configuration's process makes its own)
+            env['packed_weights'] = prepacked.packing_enabled()
+            env['fused_gelu'] = prepacked.gelu_fused()
     return env

@@ -133,7 +133,12 @@ def _cpu_targets(rows, env) -> list[Target]:
     detail = f'{_path(bf16)} ÷ {_path(fp32)}' if ratio is not None else ''
     if ratio is not None and bf16 is not bf16_rows[0]:
         detail += f'; fastest bf16 path {_path(bf16_rows[0])}: {_ratio(bf16_rows[0], fp32):.3f}'
+    if env.get('cpu_bf16') == 'none':
+        detail += ('; ' if detail else '') + 'this CPU has no bf16 matrix kernels in oneDNN (cpu_bf16: none)'
     out.append(Target(f'bf16 224² batch 16: {REF} ÷ its fp32 throughput', ratio, 2.5, detail=detail))
+    if not prec and env.get('precision_skipped'):
+        out.append(Target('bf16 top-1 agreement with fp32', None, AGREEMENT,
+                          detail=f'not checked: {env["precision_skipped"]}'))
     if prec:
         p = _report(prec, bf16) if bf16 is not None else None
         which = 'the path above' if p else 'worst path (the path above was not checked)'

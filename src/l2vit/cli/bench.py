@@ -76,6 +76,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument('--keep-freed-memory', action='store_true', default=None,
                    help='run every configuration with glibc keeping large freed blocks for reuse, as l2vit\'s own '
                         'train / eval / predict commands do on CPU (l2vit.engine.malloc); default: glibc\'s settings')
+    p.add_argument('--slow-half-precision', action='store_true', default=None,
+                   help='time bf16/fp16 (and check bf16 precision) on a CPU for which oneDNN has no kernels of that '
+                        'precision too; by default such configurations are recorded as skipped, since PyTorch\'s '
+                        'generic fallback takes minutes per call')
     p.add_argument('--channels-last', action='store_true', default=None,
                    help='put every model and input in channels-last memory format')
     p.add_argument('--warmup', type=int, default=None, help='untimed calls before timing (default: 2)')
@@ -153,7 +157,7 @@ def _settings(args: argparse.Namespace) -> tuple[dict[str, Any], list[dict[str, 
     settings: dict[str, Any] = dict(
         models=list(DEFAULT_MODELS), sizes=list(DEFAULT_SIZES), batch_sizes=[1], modes=['infer'], dtypes=['fp32'],
         casts=['autocast'], device='cuda' if torch.cuda.is_available() else 'cpu', threads=None, compile=False,
-        freeze=False, paired=False, keep_freed_memory=False, channels_last=False, warmup=2, min_reps=5, min_time=2.0, max_time=60.0,
+        freeze=False, paired=False, keep_freed_memory=False, slow_half_precision=False, channels_last=False, warmup=2, min_reps=5, min_time=2.0, max_time=60.0,
         timeout=900.0,
         memory=True, gemm=True, check_precision=None, checkpoint=None, plot=True, out='bench-results',
         memory_limit=None, mixers=None, mixer_dim=64, mixer_heads=2, tokens=list(DEFAULT_TOKENS), backbone='l2vit_tiny',
@@ -242,11 +246,21 @@ def _progress(row: dict[str, Any]) -> None:
         print(f'{label:<62} {row["status"]}: {row["error"][:100]}', flush=True)
 
 
+def _half_guard(settings: dict[str, Any]):
+    """The sweep's ``skip`` for half precision on a CPU without oneDNN kernels for it (recorded, not run), unless
+    ``--slow-half-precision``."""
+    from ..bench.env import missing_half_kernels
+
+    def skip(cfg, _rows):
+        return None if settings['slow_half_precision'] else missing_half_kernels(cfg.dtype, cfg.device)
+    return skip
+
+
 def run(args: argparse.Namespace) -> int:
     import torch
 
     from .._io import atomic_write_text
-    from ..bench.env import environment
+    from ..bench.env import environment, missing_half_kernels
     from ..bench.gemm import gemm_gflops
     from ..bench.report import plot_scaling, results_markdown, write_results
     from ..bench.runner import DTYPES, run_sweep
@@ -269,9 +283,17 @@ def run(args: argparse.Namespace) -> int:
           f'{env["threads"]} threads -> {out}', flush=True)
     if settings['gemm']:
         dtypes = sorted({c.dtype for c in configs} | {'fp32'}, key=list(DTYPES).index)
-        env['gemm_gflops'] = {d: round(gemm_gflops(DTYPES[d], device), 1) for d in dtypes}
-        print('GEMM rate (2048², GFLOP/s): ' + ', '.join(f'{k} {v:.0f}' for k, v in env['gemm_gflops'].items()))
-    if settings['check_precision']:
+        # half precision without kernels on this CPU: not measured (a 2048² bf16 multiply takes half a minute)
+        slow = {} if settings['slow_half_precision'] else {
+            d: why for d in dtypes if (why := missing_half_kernels(d, device))}
+        env['gemm_gflops'] = {d: None if d in slow else round(gemm_gflops(DTYPES[d], device), 1) for d in dtypes}
+        print('GEMM rate (2048², GFLOP/s): ' + ', '.join(f'{k} {"not measured" if v is None else f"{v:.0f}"}'
+                                                          for k, v in env['gemm_gflops'].items()))
+    slow_half = None if settings['slow_half_precision'] else missing_half_kernels('bf16', device)
+    if settings['check_precision'] and slow_half:
+        env['precision_skipped'] = slow_half
+        print(f'precision check skipped: {slow_half}', flush=True)
+    elif settings['check_precision']:
         from ..bench.precision import precision_check
         env['precision'] = []
         # every bf16 path the sweep times: autocast and model cast, and compiled with frozen weights if it has that
@@ -295,7 +317,8 @@ def run(args: argparse.Namespace) -> int:
         _progress(row)
         write_results(out, env, rows)  # after every row: an interrupted sweep keeps what it measured
 
-    run_sweep(configs, timeout=settings['timeout'], on_result=on_result, memory_limit_mib=settings['memory_limit'])
+    run_sweep(configs, timeout=settings['timeout'], on_result=on_result, skip=_half_guard(settings),
+              memory_limit_mib=settings['memory_limit'])
     plots = plot_scaling(rows, out, env) if settings['plot'] else []
     md, targets = results_markdown(env, rows)
     atomic_write_text(out / 'results.md', md)
@@ -331,7 +354,11 @@ def _run_mixers(settings: dict[str, Any], configs: list, env: dict[str, Any], ou
         _progress(row)
         write_results(out, env, rows, name='mixers')  # after every row: an interrupted sweep keeps what it measured
 
-    guard = ScalingGuard(timeout=settings['timeout'], memory_limit_mib=cap)
+    scaling, half = ScalingGuard(timeout=settings['timeout'], memory_limit_mib=cap), _half_guard(settings)
+
+    def guard(cfg, done):
+        return half(cfg, done) or scaling(cfg, done)
+
     run_sweep(configs, timeout=settings['timeout'], on_result=on_result, skip=guard, memory_limit_mib=cap)
     plots = plot_mixers(rows, out, env) if settings['plot'] else []
     atomic_write_text(out / 'mixers.md', mixers_markdown(rows, env))

@@ -1,31 +1,31 @@
 """Linear layers whose weights oneDNN has reordered once, for float32 inference on the CPU.
 
-``F.linear`` hands oneDNN a plain row-major weight on every call, and oneDNN reorders it into its blocked GEMM layout
-each time. The inference fast paths call the same linear layer on many small chunks of tokens, so that reorder is
-paid per chunk: on 2 cores it is 5-15% of a chunk's matrix multiply (more for the narrow stage-1 layers).
-:func:`linear_inference` keeps the reordered weight (per layer and row block, rebuilt when the weight changes) and
-runs the multiply and bias as one oneDNN call (``torch.ops.mkldnn._linear_pointwise``, the kernel inductor's frozen
-CPU graphs use).
+The inference fast paths call the same linear layer on many small chunks of tokens. ``F.linear`` (MKL's GEMM on x86)
+packs the weight again on every call. :func:`linear_inference` can instead keep a copy of the weight reordered once
+into oneDNN's blocked layout (per layer and row block, rebuilt when the weight changes) and run the multiply and bias
+as one oneDNN call (``torch.ops.mkldnn._linear_pointwise``, the kernel inductor's frozen CPU graphs use); an exact
+GELU after it is either fused into that call as oneDNN's post-op or run as PyTorch's in-place GELU right after it.
 
-An exact GELU after the multiply is either fused into that call as oneDNN's post-op or run as PyTorch's in-place
-GELU right after it, whichever is faster on this CPU (:func:`gelu_fused`): the choice is made once per process by
-timing both on one chunk-sized multiply, because it differs between CPUs. On an AVX2 EPYC (no AVX-512) the fused
-post-op made a 1365 × 384 → 1536 multiply 45% slower (16.0 vs 11.1 ms) while the separate in-place GELU added 10%
-(12.1 ms); both give the same values (bit-identical there). ``L2VIT_FUSED_GELU=1`` / ``0`` fixes the choice.
+Which is faster depends on the CPU, so it is measured once per process, on first use (:func:`route_choice`: a few
+chunk-sized multiplies of each form, alternating, about 0.1 s). Measured 2026-12-08 on 2 threads of an AVX2-only AMD
+EPYC: MKL's ``F.linear`` ran the model's chunk shapes 2-20% faster than the reordered oneDNN weights, and oneDNN's
+GELU post-op made a 1365 × 384 → 1536 multiply 45% slower (16.0 vs 11.1 ms) where PyTorch's in-place GELU after it
+added 10% (12.1 ms); on the AVX-512 Intel hosts of earlier runs the reordered weights were 5-15% faster per chunk
+(docs/performance.md). ``L2VIT_PACKED_WEIGHTS=1`` / ``0`` and ``L2VIT_FUSED_GELU=1`` / ``0`` fix the choices (read
+on every call, so they also work when set after import).
 
-It is taken only where it can change nothing but speed and rounding: float32 input and weight on the CPU, no
-gradient, no autocast, the fast paths on (:func:`l2vit.layers.fast_paths`), a PyTorch built with oneDNN, and a weight
-that is not an inference tensor (a model built under ``torch.inference_mode``: such tensors have no version counter,
-so a cached copy could not notice in-place writes to them). Everything
-else gets ``F.linear`` (then GELU), which is also its naive twin in the tests. The products are the same sums as
-``F.linear``'s up to their order (bit-identical for most shapes measured; within 2e-4 of it in the worst case of
-K=1536 random rows, where both are ~1e-4 from float64).
+The reordered route is taken only where it can change nothing but speed and rounding: float32 input and weight on
+the CPU, no gradient, no autocast, the fast paths on (:func:`l2vit.layers.fast_paths`), a PyTorch built with oneDNN,
+and a weight that is not an inference tensor (a model built under ``torch.inference_mode``: such tensors have no
+version counter, so a cached copy could not notice in-place writes to them). Everything else gets ``F.linear`` (then
+GELU), which is also its naive twin in the tests. The products are the same sums as ``F.linear``'s up to their order
+(bit-identical for most shapes measured; within 2e-4 of it in the worst case of K=1536 random rows, where both are
+~1e-4 from float64), and both GELUs are the exact-erf one (bit-identical on the shapes measured).
 
 The reordered copies cost one extra copy of the weights they cover while the model lives (they are held in a
 weak-keyed table, not in the module: ``state_dict``, pickling and ``deepcopy`` never see them);
 :func:`clear_packed_weights` drops them, and ``L2ViT.train()`` does so when training starts. Where that memory
-matters more than ~5% of CPU inference time, ``L2VIT_PACKED_WEIGHTS=0`` in the environment turns them off (read on
-every call, so it also works when set after import).
+matters more than a few percent of CPU inference time, ``L2VIT_PACKED_WEIGHTS=0`` turns them off.
 """
 from __future__ import annotations
 
@@ -40,7 +40,8 @@ from torch import nn
 
 from ._fastpath import fast_paths_enabled
 
-__all__ = ['linear_inference', 'clear_packed_weights', 'packing_available', 'packing_enabled', 'gelu_fused']
+__all__ = ['linear_inference', 'clear_packed_weights', 'packing_available', 'packing_enabled', 'gelu_fused',
+           'route_choice']
 
 # Row count the reorder is tuned for (about one chunk of the fast paths); any row count works.
 _ROWS_HINT = 1024
@@ -62,65 +63,90 @@ _FALSE_WORDS = ('0', 'false', 'off', 'no')
 _TRUE_WORDS = ('1', 'true', 'on', 'yes')
 
 
+def _switch(name: str) -> bool | None:
+    """The boolean the environment variable ``name`` sets (``1``/``0``, ``true``/``false``, ``on``/``off``,
+    ``yes``/``no``), or None when it is unset or empty."""
+    value = os.environ.get(name, '').strip().lower()
+    if not value:
+        return None
+    if value in _TRUE_WORDS or value in _FALSE_WORDS:
+        return value in _TRUE_WORDS
+    raise ValueError(f'{name} must be 1 or 0 (or true/false, on/off, yes/no), got {value!r}')
+
+
 def packing_enabled() -> bool:
-    """False when ``L2VIT_PACKED_WEIGHTS`` is set to ``0`` (or ``false`` / ``off`` / ``no``): no reordered copies are
-    made and every layer runs ``F.linear``."""
-    return os.environ.get('L2VIT_PACKED_WEIGHTS', '1').strip().lower() not in _FALSE_WORDS
-
-
-_gelu_fused: bool | None = None  # decided on first use (see gelu_fused)
-_gelu_lock = threading.Lock()
+    """Whether :func:`linear_inference` runs on reordered oneDNN weights (True) or on ``F.linear`` (False):
+    ``L2VIT_PACKED_WEIGHTS`` fixes it, else the faster on this CPU (:func:`route_choice`)."""
+    switch = _switch('L2VIT_PACKED_WEIGHTS')
+    return route_choice()['packed'] if switch is None else switch
 
 
 def gelu_fused() -> bool:
-    """Whether :func:`linear_inference` fuses an exact GELU into oneDNN's multiply (True) or runs PyTorch's in-place
-    GELU on the multiply's output (False).
+    """Whether :func:`linear_inference` on reordered weights fuses an exact GELU into oneDNN's multiply (True) or runs
+    PyTorch's in-place GELU on its output (False): ``L2VIT_FUSED_GELU`` fixes it, else the faster on this CPU
+    (:func:`route_choice`)."""
+    switch = _switch('L2VIT_FUSED_GELU')
+    return route_choice()['fused_gelu'] if switch is None else switch
 
-    ``L2VIT_FUSED_GELU`` (``1`` / ``0``, read on every call) fixes it. Otherwise it is measured once per process, on
-    first use: both forms of a 512 × 256 → 1024 multiply, alternating, five rounds after a warm-up (a few
-    milliseconds), and the faster median wins. The two forms compute the same values up to the GELU
-    implementation's last-bit rounding, so the choice only changes speed.
+
+_choice: dict[str, bool] | None = None  # measured on first use (see route_choice)
+_choice_lock = threading.Lock()
+
+
+def route_choice() -> dict[str, bool]:
+    """The routes this process measured faster: ``{'packed': ..., 'fused_gelu': ...}`` (see the module docstring).
+
+    Measured once, on first use, with the process's thread count: the two linear layers of an MLP chunk (512 rows,
+    384 → 1536 and 1536 → 384) on reordered weights and by ``F.linear``, and the first with the GELU fused or after
+    it; five alternating rounds after a warm-up, medians compared. The forms compute the same values up to rounding,
+    so the choice changes speed (and the memory of the reordered copies) only. Without oneDNN: nothing to choose.
     """
-    env = os.environ.get('L2VIT_FUSED_GELU', '').strip().lower()
-    if env in _TRUE_WORDS or env in _FALSE_WORDS:
-        return env in _TRUE_WORDS
-    if env:
-        raise ValueError(f"L2VIT_FUSED_GELU must be 1 or 0 (or true/false, on/off, yes/no), got {env!r}")
-    global _gelu_fused
-    if _gelu_fused is None:
-        with _gelu_lock:
-            if _gelu_fused is None:
-                _gelu_fused = _time_gelu_forms()
-    return _gelu_fused
+    global _choice
+    if _choice is None:
+        with _choice_lock:
+            if _choice is None:
+                _choice = _time_routes() if _AVAILABLE else {'packed': False, 'fused_gelu': False}
+    return dict(_choice)
 
 
-def _time_gelu_forms(rows: int = 512, k: int = 256, n: int = 1024, rounds: int = 5) -> bool:
-    """True when the fused post-op form is at least as fast as the separate in-place GELU (medians of ``rounds``)."""
+def _time_routes(rows: int = 512, dim: int = 384, hidden: int = 1536, rounds: int = 5) -> dict[str, bool]:
     gen = torch.Generator().manual_seed(0)  # the caller's random stream stays untouched
     with torch.no_grad():
-        weight = torch.randn(n, k, generator=gen) * k ** -0.5
-        bias = torch.zeros(n)
-        x = torch.randn(rows, k, generator=gen)
-        packed = torch.ops.mkldnn._reorder_linear_weight(weight, _ROWS_HINT)
-        forms = (lambda: torch.ops.mkldnn._linear_pointwise(x, packed, bias, 'gelu', [], 'none'),
-                 lambda: torch.ops.aten.gelu_(torch.ops.mkldnn._linear_pointwise(x, packed, bias, 'none', [], '')))
-        times: tuple[list[float], list[float]] = ([], [])
-        for form in forms:  # warm-up: oneDNN builds each kernel on its first call
+        w1 = torch.randn(hidden, dim, generator=gen) * dim ** -0.5
+        w2 = torch.randn(dim, hidden, generator=gen) * hidden ** -0.5
+        b1, b2 = torch.zeros(hidden), torch.zeros(dim)
+        x1 = torch.randn(rows, dim, generator=gen)
+        x2 = torch.randn(rows, hidden, generator=gen)
+        p1, p2 = (torch.ops.mkldnn._reorder_linear_weight(w, _ROWS_HINT) for w in (w1, w2))
+
+        def packed(x, p, b, attr='none'):
+            return torch.ops.mkldnn._linear_pointwise(x, p, b, attr, [], 'none' if attr == 'gelu' else '')
+
+        forms = {
+            'packed': lambda: (packed(x1, p1, b1), packed(x2, p2, b2)),
+            'plain': lambda: (F.linear(x1, w1, b1), F.linear(x2, w2, b2)),
+            'fused_gelu': lambda: packed(x1, p1, b1, 'gelu'),
+            'separate_gelu': lambda: torch.ops.aten.gelu_(packed(x1, p1, b1)),
+        }
+        times: dict[str, list[float]] = {name: [] for name in forms}
+        for form in forms.values():  # warm-up: oneDNN builds each kernel on its first call
             form()
         for _ in range(rounds):
-            for form, spent in zip(forms, times):
+            for name, form in forms.items():
                 start = time.perf_counter()
                 form()
-                spent.append(time.perf_counter() - start)
-    fused, separate = (sorted(t)[len(t) // 2] for t in times)
-    return fused <= separate
+                times[name].append(time.perf_counter() - start)
+    median = {name: sorted(t)[len(t) // 2] for name, t in times.items()}
+    return {'packed': median['packed'] <= median['plain'],
+            'fused_gelu': median['fused_gelu'] <= median['separate_gelu']}
 
 
 def _usable(x: torch.Tensor, weight: torch.Tensor) -> bool:
-    return (_AVAILABLE and fast_paths_enabled() and packing_enabled()
+    return (_AVAILABLE and fast_paths_enabled()
             and x.device.type == 'cpu' and x.dtype == torch.float32 and weight.dtype == torch.float32
             and not torch.is_autocast_enabled('cpu') and not weight.is_inference()
-            and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)))
+            and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))
+            and packing_enabled())  # last: the first call may measure the routes
 
 
 def _packed_weight(linear: nn.Linear, weight: torch.Tensor, rows: tuple[int, int]) -> torch.Tensor:
