@@ -7,11 +7,11 @@ as one oneDNN call (``torch.ops.mkldnn._linear_pointwise``, the kernel inductor'
 GELU after it is either fused into that call as oneDNN's post-op or run as PyTorch's in-place GELU right after it.
 
 Which is faster depends on the CPU, so it is measured once per process, on first use (:func:`route_choice`: a few
-chunk-sized multiplies of each form, alternating, about 0.1 s). Measured 2026-12-08 on 2 threads of an AVX2-only AMD
-EPYC: MKL's ``F.linear`` ran the model's chunk shapes 2-20% faster than the reordered oneDNN weights, and oneDNN's
-GELU post-op made a 1365 × 384 → 1536 multiply 45% slower (16.0 vs 11.1 ms) where PyTorch's in-place GELU after it
-added 10% (12.1 ms); on the AVX-512 Intel hosts of earlier runs the reordered weights were 5-15% faster per chunk
-(docs/performance.md). ``L2VIT_PACKED_WEIGHTS=1`` / ``0`` and ``L2VIT_FUSED_GELU=1`` / ``0`` fix the choices (read
+chunk-sized multiplies of each form, alternating, about 0.2 s on 2 cores). Measured 2026-12-08 on 2 threads of an
+AVX2-only AMD EPYC: MKL's ``F.linear`` ran the model's chunk shapes 2-20% faster than the reordered oneDNN
+weights, and oneDNN's GELU post-op made a 1365 × 384 → 1536 multiply 45% slower (16.0 vs 11.1 ms) where PyTorch's
+in-place GELU after it added 10% (12.1 ms); on the AVX-512 Intel hosts of earlier runs the reordered weights were
+5-15% faster per chunk (docs/performance.md). ``L2VIT_PACKED_WEIGHTS=1`` / ``0`` and ``L2VIT_FUSED_GELU=1`` / ``0`` fix the choices (read
 on every call, so they also work when set after import).
 
 The reordered route is taken only where it can change nothing but speed and rounding: float32 input and weight on
