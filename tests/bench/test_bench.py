@@ -375,14 +375,34 @@ def test_cli_end_to_end(tmp_path):
 
 def test_environment_header_names_the_cpu_kernels():
     from l2vit.bench.env import cpu_bf16, environment
-    from l2vit.layers import prepacked
     env = environment('cpu', threads=2)
     assert env['threads'] == 2 and env['device'] == 'cpu' and env['mkldnn'] == torch.backends.mkldnn.is_available()
     assert env['cpu_capability'] == torch.backends.cpu.get_cpu_capability()
     assert env['cpu_bf16'] == cpu_bf16() and env['cpu_bf16'] in ('amx', 'avx512', 'none')
+    assert 'fused_gelu' not in env and 'packed_weights' not in env  # per row: each process measures its own
+
+
+def test_rows_record_the_linear_route_their_process_took(monkeypatch):
+    from l2vit.layers import prepacked
+    fast = dict(warmup=0, min_reps=1, min_time=0.0, threads=1)
+    row = run_config(BenchConfig('test_l2vit', 64, 64, **fast))
+    assert row['status'] == 'ok' and row['linear_route'] == prepacked.routes_taken()
+    assert row['linear_route'] in ('F.linear', 'oneDNN', 'oneDNN + fused GELU')
     if prepacked.packing_available():
-        assert env['fused_gelu'] is prepacked.gelu_fused()
-        assert env['packed_weights'] is prepacked.packing_enabled()
+        fused = prepacked.gelu_fused()
+        assert row['linear_route'] == ('F.linear' if not prepacked.packing_enabled()
+                                       else 'oneDNN + fused GELU' if fused else 'oneDNN')
+    # never measured nor fixed in a process: nothing to record; fixed by the environment: what it says
+    monkeypatch.setattr(prepacked, '_choice', None)
+    monkeypatch.delenv('L2VIT_PACKED_WEIGHTS', raising=False)
+    assert prepacked.routes_taken() is None
+    monkeypatch.setenv('L2VIT_PACKED_WEIGHTS', '0')
+    assert prepacked.routes_taken() == 'F.linear'
+    if prepacked.packing_available():
+        monkeypatch.setenv('L2VIT_PACKED_WEIGHTS', '1')
+        for value, route in (('0', 'oneDNN'), ('1', 'oneDNN + fused GELU')):
+            monkeypatch.setenv('L2VIT_FUSED_GELU', value)
+            assert prepacked.routes_taken() == route
 
 
 def test_missing_half_kernels_names_the_cpu(monkeypatch):

@@ -27,22 +27,24 @@ def cpu_bf16() -> str:
     """How this CPU multiplies bf16 matrices in oneDNN: ``'amx'`` (tile units), ``'avx512'`` (AVX-512 instructions,
     native bf16 dot products where the CPU has AVX512_BF16) or ``'none'`` (oneDNN has no bf16 kernels for it: bf16
     work is converted and computed in fp32, so bf16 runs slower than fp32)."""
-    if not torch.backends.mkldnn.is_available() or not torch.ops.mkldnn._is_mkldnn_bf16_supported():
+    if not _onednn_supports('bf16'):
         return 'none'
     return 'amx' if torch.cpu._is_amx_tile_supported() else 'avx512'
+
+
+def _onednn_supports(dtype: str) -> bool:
+    """Whether this PyTorch's oneDNN has CPU kernels for ``'bf16'`` / ``'fp16'`` on this CPU."""
+    if not torch.backends.mkldnn.is_available():
+        return False
+    check = {'bf16': torch.ops.mkldnn._is_mkldnn_bf16_supported, 'fp16': torch.ops.mkldnn._is_mkldnn_fp16_supported}
+    return bool(check[dtype]())
 
 
 def missing_half_kernels(dtype: str, device: str = 'cpu') -> str | None:
     """Why ``dtype`` (``'bf16'`` / ``'fp16'``) would crawl on ``device``, or None: on a CPU for which oneDNN has no
     kernels of that precision, PyTorch falls back to generic loops (bf16 matrix multiplies at ~1 GFLOP/s on an AVX2
     EPYC against 174 in fp32), so one batch-16 forward takes minutes and says nothing about the model."""
-    if torch.device(device).type != 'cpu' or dtype not in ('bf16', 'fp16'):
-        return None
-    if dtype == 'bf16':
-        supported = torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
-    else:
-        supported = torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_fp16_supported()
-    if supported:
+    if torch.device(device).type != 'cpu' or dtype not in ('bf16', 'fp16') or _onednn_supports(dtype):
         return None
     return (f'no {dtype} kernels for this CPU ({torch.backends.cpu.get_cpu_capability()}) in oneDNN: {dtype} runs as '
             f'a slow generic fallback (--slow-half-precision times it anyway)')
@@ -77,11 +79,7 @@ def environment(device: str = 'cpu', threads: int | None = None) -> dict[str, An
         env['cuda'] = torch.version.cuda
         env['cudnn'] = torch.backends.cudnn.version()
     else:
-        from ..layers import prepacked
         env['mkldnn'] = torch.backends.mkldnn.is_available()
         env['cpu_capability'] = torch.backends.cpu.get_cpu_capability()  # AVX2 / AVX512: kernels differ
         env['cpu_bf16'] = cpu_bf16()
-        if prepacked.packing_available():  # this process's choices (each configuration's process makes its own)
-            env['packed_weights'] = prepacked.packing_enabled()
-            env['fused_gelu'] = prepacked.gelu_fused()
     return env

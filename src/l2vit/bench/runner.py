@@ -301,8 +301,11 @@ def _failed(row: dict[str, Any], e: Exception, device: torch.device) -> dict[str
 
 
 def _timed(row: dict[str, Any], cfg: BenchConfig, stats) -> dict[str, Any]:
+    from ..layers.prepacked import routes_taken
     return {
         **row,
+        # the GEMM route l2vit's CPU fast paths took in this process (measured per process; None: not used)
+        'linear_route': routes_taken() if cfg.device.startswith('cpu') else None,
         'time_ms': stats.median * 1e3,
         'time_q25_ms': stats.q25 * 1e3,
         'time_q75_ms': stats.q75 * 1e3,

@@ -136,9 +136,6 @@ def _cpu_targets(rows, env) -> list[Target]:
     if env.get('cpu_bf16') == 'none':
         detail += ('; ' if detail else '') + 'this CPU has no bf16 matrix kernels in oneDNN (cpu_bf16: none)'
     out.append(Target(f'bf16 224² batch 16: {REF} ÷ its fp32 throughput', ratio, 2.5, detail=detail))
-    if not prec and env.get('precision_skipped'):
-        out.append(Target('bf16 top-1 agreement with fp32', None, AGREEMENT,
-                          detail=f'not checked: {env["precision_skipped"]}'))
     if prec:
         p = _report(prec, bf16) if bf16 is not None else None
         which = 'the path above' if p else 'worst path (the path above was not checked)'
@@ -149,6 +146,9 @@ def _cpu_targets(rows, env) -> list[Target]:
                           detail=f'{which}: {_report_path(p)}; decisive images {p["decisive_images"]}: '
                                  f'{p["decisive_agreement"]}; max |Δlogit| {p["max_abs_error"]:.3g} '
                                  f'({100 * p["rel_error"]:.2f}% of max |logit|); every path: {others}'))
+    elif env.get('precision_skipped'):
+        out.append(Target('bf16 top-1 agreement with fp32', None, AGREEMENT,
+                          detail=f'not checked: {env["precision_skipped"]}'))
     m512, m1024 = _find(rows, REF, 512, 1), _find(rows, REF, 1024, 1)
     out.append(Target(f'fp32 batch 1: {REF} peak memory 1024² ÷ 512²', _ratio(m1024, m512, 'peak_mib'), 4.5,
                       upper=True))

@@ -246,21 +246,24 @@ def _progress(row: dict[str, Any]) -> None:
         print(f'{label:<62} {row["status"]}: {row["error"][:100]}', flush=True)
 
 
-def _half_guard(settings: dict[str, Any]):
-    """The sweep's ``skip`` for half precision on a CPU without oneDNN kernels for it (recorded, not run), unless
-    ``--slow-half-precision``."""
+def _slow_half(settings: dict[str, Any], dtype: str, device: str) -> str | None:
+    """Why ``dtype`` is not measured on ``device`` (half precision on a CPU without oneDNN kernels for it: the
+    configurations are recorded as skipped, the GEMM rate and the precision check left out), or None, always None
+    with ``--slow-half-precision``."""
     from ..bench.env import missing_half_kernels
+    return None if settings['slow_half_precision'] else missing_half_kernels(dtype, device)
 
-    def skip(cfg, _rows):
-        return None if settings['slow_half_precision'] else missing_half_kernels(cfg.dtype, cfg.device)
-    return skip
+
+def _half_guard(settings: dict[str, Any]):
+    """The sweep's ``skip`` for :func:`_slow_half` configurations."""
+    return lambda cfg, _rows: _slow_half(settings, cfg.dtype, cfg.device)
 
 
 def run(args: argparse.Namespace) -> int:
     import torch
 
     from .._io import atomic_write_text
-    from ..bench.env import environment, missing_half_kernels
+    from ..bench.env import environment
     from ..bench.gemm import gemm_gflops
     from ..bench.report import plot_scaling, results_markdown, write_results
     from ..bench.runner import DTYPES, run_sweep
@@ -284,12 +287,11 @@ def run(args: argparse.Namespace) -> int:
     if settings['gemm']:
         dtypes = sorted({c.dtype for c in configs} | {'fp32'}, key=list(DTYPES).index)
         # half precision without kernels on this CPU: not measured (a 2048² bf16 multiply takes half a minute)
-        slow = {} if settings['slow_half_precision'] else {
-            d: why for d in dtypes if (why := missing_half_kernels(d, device))}
-        env['gemm_gflops'] = {d: None if d in slow else round(gemm_gflops(DTYPES[d], device), 1) for d in dtypes}
+        env['gemm_gflops'] = {d: None if _slow_half(settings, d, device) else round(gemm_gflops(DTYPES[d], device), 1)
+                              for d in dtypes}
         print('GEMM rate (2048², GFLOP/s): ' + ', '.join(f'{k} {"not measured" if v is None else f"{v:.0f}"}'
                                                           for k, v in env['gemm_gflops'].items()))
-    slow_half = None if settings['slow_half_precision'] else missing_half_kernels('bf16', device)
+    slow_half = _slow_half(settings, 'bf16', device)
     if settings['check_precision'] and slow_half:
         env['precision_skipped'] = slow_half
         print(f'precision check skipped: {slow_half}', flush=True)

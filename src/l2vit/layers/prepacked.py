@@ -41,7 +41,7 @@ from torch import nn
 from ._fastpath import fast_paths_enabled
 
 __all__ = ['linear_inference', 'clear_packed_weights', 'packing_available', 'packing_enabled', 'gelu_fused',
-           'route_choice']
+           'route_choice', 'routes_taken']
 
 # Row count the reorder is tuned for (about one chunk of the fast paths); any row count works.
 _ROWS_HINT = 1024
@@ -78,7 +78,7 @@ def packing_enabled() -> bool:
     """Whether :func:`linear_inference` runs on reordered oneDNN weights (True) or on ``F.linear`` (False):
     ``L2VIT_PACKED_WEIGHTS`` fixes it, else the faster on this CPU (:func:`route_choice`)."""
     switch = _switch('L2VIT_PACKED_WEIGHTS')
-    return route_choice()['packed'] if switch is None else switch
+    return _measured()['packed'] if switch is None else switch
 
 
 def gelu_fused() -> bool:
@@ -86,7 +86,7 @@ def gelu_fused() -> bool:
     PyTorch's in-place GELU on its output (False): ``L2VIT_FUSED_GELU`` fixes it, else the faster on this CPU
     (:func:`route_choice`)."""
     switch = _switch('L2VIT_FUSED_GELU')
-    return route_choice()['fused_gelu'] if switch is None else switch
+    return _measured()['fused_gelu'] if switch is None else switch
 
 
 _choice: dict[str, bool] | None = None  # measured on first use (see route_choice)
@@ -101,12 +101,28 @@ def route_choice() -> dict[str, bool]:
     it; five alternating rounds after a warm-up, medians compared. The forms compute the same values up to rounding,
     so the choice changes speed (and the memory of the reordered copies) only. Without oneDNN: nothing to choose.
     """
+    return dict(_measured())
+
+
+def _measured() -> dict[str, bool]:
+    """The cached choice, measured on the first call (no copy: :func:`linear_inference` reads it per call)."""
     global _choice
     if _choice is None:
         with _choice_lock:
             if _choice is None:
                 _choice = _time_routes() if _AVAILABLE else {'packed': False, 'fused_gelu': False}
-    return dict(_choice)
+    return _choice
+
+
+def routes_taken() -> str | None:
+    """The route :func:`linear_inference` takes in this process, for benchmark records: ``'F.linear'``,
+    ``'oneDNN'`` or ``'oneDNN + fused GELU'``; None while nothing has measured or fixed it (the process never ran
+    the reordered route's checks, e.g. a model without l2vit's fast paths)."""
+    if _choice is None and _switch('L2VIT_PACKED_WEIGHTS') is None:
+        return None
+    if not (_AVAILABLE and packing_enabled()):
+        return 'F.linear'
+    return 'oneDNN + fused GELU' if gelu_fused() else 'oneDNN'
 
 
 def _time_routes(rows: int = 512, dim: int = 384, hidden: int = 1536, rounds: int = 5) -> dict[str, bool]:
@@ -118,15 +134,11 @@ def _time_routes(rows: int = 512, dim: int = 384, hidden: int = 1536, rounds: in
         x1 = torch.randn(rows, dim, generator=gen)
         x2 = torch.randn(rows, hidden, generator=gen)
         p1, p2 = (torch.ops.mkldnn._reorder_linear_weight(w, _ROWS_HINT) for w in (w1, w2))
-
-        def packed(x, p, b, attr='none'):
-            return torch.ops.mkldnn._linear_pointwise(x, p, b, attr, [], 'none' if attr == 'gelu' else '')
-
         forms = {
-            'packed': lambda: (packed(x1, p1, b1), packed(x2, p2, b2)),
+            'packed': lambda: (_onednn_linear(x1, p1, b1), _onednn_linear(x2, p2, b2)),
             'plain': lambda: (F.linear(x1, w1, b1), F.linear(x2, w2, b2)),
-            'fused_gelu': lambda: packed(x1, p1, b1, 'gelu'),
-            'separate_gelu': lambda: torch.ops.aten.gelu_(packed(x1, p1, b1)),
+            'fused_gelu': lambda: _onednn_linear(x1, p1, b1, fused_gelu=True),
+            'separate_gelu': lambda: torch.ops.aten.gelu_(_onednn_linear(x1, p1, b1)),
         }
         times: dict[str, list[float]] = {name: [] for name in forms}
         for form in forms.values():  # warm-up: oneDNN builds each kernel on its first call
@@ -181,10 +193,18 @@ def linear_inference(linear: nn.Linear, x: torch.Tensor, gelu: bool = False,
             return y
         return F.gelu(y) if y.requires_grad else torch.ops.aten.gelu_(y)  # in place only where autograd is not
     packed = _packed_weight(linear, weight, rows or (0, weight.shape[0]))
-    if gelu and gelu_fused():
+    fused = gelu and gelu_fused()
+    y = _onednn_linear(x, packed, bias, fused_gelu=fused)
+    return torch.ops.aten.gelu_(y) if gelu and not fused else y
+
+
+def _onednn_linear(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None,
+                   fused_gelu: bool = False) -> torch.Tensor:
+    """oneDNN's multiply of ``x`` by a reordered weight, with the bias and, if ``fused_gelu``, an exact GELU as its
+    post-op."""
+    if fused_gelu:
         return torch.ops.mkldnn._linear_pointwise(x, packed, bias, 'gelu', [], 'none')
-    y = torch.ops.mkldnn._linear_pointwise(x, packed, bias, 'none', [], '')
-    return torch.ops.aten.gelu_(y) if gelu else y
+    return torch.ops.mkldnn._linear_pointwise(x, packed, bias, 'none', [], '')
 
 
 def clear_packed_weights(module: nn.Module | None = None) -> None:
